@@ -1,0 +1,204 @@
+"""Image bytes → an upright RGB image, or a :class:`RejectedInput` with a reason.
+
+Pure: bytes in, pixels out; no files. Baseline JPEG (the bulk of ImageNet) goes through
+libjpeg-turbo via simplejpeg, straight into a 4-byte RGBX buffer that Pillow wraps without a copy
+and that splits into sub-images as 32-bit words (see ``decompose``). Large JPEGs are decoded at
+1/2, 1/4 or 1/8 scale in the DCT domain when that still leaves at least the target size. Anything
+else — PNG, GIF, CMYK/YCCK JPEG, 16-bit, palette, alpha — goes through Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Reasons are part of the on-disk contract (docs/format.md, rejects.parquet).
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+TOO_SMALL = "too_small"
+TOO_LARGE = "too_large"
+UNREADABLE = "unreadable"
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (1024·1024·1024 // 4 // 3)
+
+
+class RejectedInput(Exception):
+    """An input that cannot become a sample; ``reason`` is one of the contract's reject reasons."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # mode RGB or RGBX, upright; possibly reduced by DCT scaling
+    width: int  # original width after EXIF orientation, before any reduction
+    height: int
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    min_side: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+MinimumSize = Callable[[int, int], tuple[int, int]]
+
+
+def full_size(width: int, height: int) -> tuple[int, int]:
+    return width, height
+
+
+def decode_image(data: bytes, min_decoded: MinimumSize = full_size, limits: SizeLimits = SizeLimits()) -> DecodedImage:
+    """Decode ``data``, possibly reduced in the DCT domain to no less than ``min_decoded(w, h)``.
+
+    ``min_decoded`` maps the upright original size to the (width, height) the decoded image must keep.
+    """
+    if not data:
+        raise RejectedInput(EMPTY_FILE)
+    if data[:2] == b"\xff\xd8":
+        decoded = _decode_jpeg_fast(data, min_decoded, limits)
+        if decoded is not None:
+            return decoded
+    return _decode_with_pillow(data, min_decoded, limits)
+
+
+def _check_size(width: int, height: int, limits: SizeLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise RejectedInput(TOO_LARGE, f"{width}x{height} exceeds {limits.max_pixels} pixels")
+    if min(width, height) < limits.min_side:
+        raise RejectedInput(TOO_SMALL, f"{width}x{height} is under {limits.min_side} px")
+
+
+def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits) -> DecodedImage | None:
+    """libjpeg-turbo path; None when the file needs Pillow (CMYK, YCCK, or a header it rejects)."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "RGB", "Gray"):
+        return None
+    orientation = jpeg_exif_orientation(data)
+    swap = orientation in (5, 6, 7, 8)
+    upright_w, upright_h = (height, width) if swap else (width, height)
+    _check_size(upright_w, upright_h, limits)
+    min_w, min_h = min_decoded(upright_w, upright_h)
+    if swap:
+        min_w, min_h = min_h, min_w
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGBX", min_width=min_w, min_height=min_h, fastdct=False, fastupsample=False
+        )
+    except ValueError as error:
+        if "Premature end" in str(error):
+            raise RejectedInput(TRUNCATED, str(error)) from None
+        return None
+    h, w = pixels.shape[:2]
+    image = Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)
+    if orientation > 1:
+        image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return DecodedImage(image, upright_w, upright_h)
+
+
+def _decode_with_pillow(data: bytes, min_decoded: MinimumSize, limits: SizeLimits) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            swap = orientation in (5, 6, 7, 8)
+            upright_w, upright_h = (image.height, image.width) if swap else image.size
+            _check_size(upright_w, upright_h, limits)
+            if image.format == "JPEG":
+                min_w, min_h = min_decoded(upright_w, upright_h)
+                if swap:
+                    min_w, min_h = min_h, min_w
+                image.draft(image.mode, (min_w, min_h))
+            image.load()
+            image = ImageOps.exif_transpose(image) if orientation > 1 else image
+            image = to_rgb(image)
+    except RejectedInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RejectedInput(TOO_LARGE, str(error)) from None
+    except UnidentifiedImageError:
+        raise RejectedInput(NOT_AN_IMAGE, "not a format Pillow can read") from None
+    except OSError as error:
+        reason = TRUNCATED if "truncated" in str(error) or "broken data" in str(error) else UNREADABLE
+        raise RejectedInput(reason, str(error)) from None
+    except (ValueError, SyntaxError, struct.error, EOFError, IndexError) as error:
+        raise RejectedInput(UNREADABLE, f"{type(error).__name__}: {error}") from None
+    return DecodedImage(image, upright_w, upright_h)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB. Transparency is composited on white; 16/32-bit greys keep their top 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greys (PNG opens them as I;16 or I): keep the top byte instead of clipping at 255.
+        grey = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def jpeg_exif_orientation(data: bytes) -> int:
+    """EXIF Orientation (1-8) of a JPEG, 1 when absent or malformed; reads only the APP segments."""
+    pos = 2
+    end = len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for index in range(count):
+        entry = ifd + 2 + 12 * index
+        if entry + 12 > len(tiff):
+            break
+        tag, _type, _count, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag == 0x0112:
+            return value if 1 <= value <= 8 else 1
+    return 1

@@ -1,0 +1,49 @@
+"""Encode one sub-image (or DCT band) to the bytes of a sample's image member. Pure.
+
+jpg uses libjpeg-turbo through simplejpeg (≈ 2× Pillow per 56×56 encode, measured in
+bench/bench_prepare.py); png and webp use Pillow; npy is numpy's own format.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import simplejpeg
+from PIL import Image, features
+
+FORMATS = ("jpg", "png", "webp", "npy")
+
+
+def check_format(image_format: str, transform: str) -> None:
+    """A clear error for a format/transform pair that cannot be written with what is installed."""
+    if image_format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {image_format!r}")
+    if transform == "dct" and image_format != "npy":
+        raise ValueError("--transform dct stores integer DCT bands losslessly and needs --format npy")
+    if image_format == "webp" and not features.check("webp"):
+        raise ValueError("--format webp: the loaded Pillow was built without WebP (pillow-simd usually is); "
+                         "use jpg, png or npy")
+
+
+def encoder(image_format: str, quality: int) -> Callable[[np.ndarray], bytes]:
+    """An encoder for (s, s, C) arrays: C = 4 (RGBX, X ignored) or 3 (RGB); npy also takes int16 bands."""
+    if image_format == "jpg":
+        def encode_jpg(pixels: np.ndarray) -> bytes:
+            colorspace = "RGBX" if pixels.shape[-1] == 4 else "RGB"
+            return simplejpeg.encode_jpeg(pixels, quality, colorspace, "420")
+        return encode_jpg
+    if image_format == "npy":
+        def encode_npy(pixels: np.ndarray) -> bytes:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(pixels[..., :3]), allow_pickle=False)
+            return buffer.getvalue()
+        return encode_npy
+    pil_format, options = ("PNG", {"compress_level": 6}) if image_format == "png" else ("WEBP", {"quality": quality})
+
+    def encode_with_pillow(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").save(buffer, pil_format, **options)
+        return buffer.getvalue()
+    return encode_with_pillow

@@ -1,0 +1,377 @@
+"""`cli.py prepare`: list → plan → write shards (in parallel) → manifest, rejects, classes, card.
+
+Orchestration only: what to do and in which order; the work itself lives in ``listing``,
+``plan`` and ``shard``, the scheduling in ``distributor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
+
+from . import __version__, decompose, encode, resize
+from .distributor import RayRunner, run_serial
+from .listing import LAYOUTS, Listed, list_unit, plan_units
+from .plan import Plan, PlanOptions, make_plan, source_uris
+from .shard import (
+    SampleEncoder,
+    SampleSpec,
+    ShardTask,
+    stats_location,
+    status_location,
+    sub_dataset_names,
+    write_shard,
+)
+from .storage import Location, exists, read_bytes, read_json, write_bytes, write_json
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    sources: tuple[str, ...]
+    out: str
+    layout: str
+    spec: SampleSpec
+    plan: PlanOptions
+
+
+def validate(options: PrepareOptions) -> None:
+    spec = options.spec
+    decompose.grid_factor(spec.split)
+    if spec.size < 1:
+        raise ValueError(f"--size must be positive, got {spec.size}")
+    if spec.resize_mode not in resize.RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(resize.RESIZE_MODES)}, got {spec.resize_mode!r}")
+    if spec.transform not in ("none", "dct"):
+        raise ValueError(f"--transform must be none or dct, got {spec.transform!r}")
+    encode.check_format(spec.image_format, spec.transform)
+    if not 1 <= spec.quality <= 100:
+        raise ValueError(f"--quality must be within 1..100, got {spec.quality}")
+    if options.layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {options.layout!r}")
+    if options.plan.val_per_class < 0 or options.plan.min_per_class < 0:
+        raise ValueError("--val-per-class and --min-per-class must be ≥ 0")
+
+
+def output_parameters(options: PrepareOptions) -> dict:
+    """Everything that changes the output's bytes; a rerun against an existing --out must match it."""
+    spec = asdict(options.spec)
+    spec["limits"] = asdict(options.spec.limits)
+    return {"sources": list(options.sources), "layout": options.layout, "spec": spec, "plan": asdict(options.plan),
+            "schema_version": SCHEMA_VERSION}
+
+
+def pil_flavour() -> str:
+    import PIL
+
+    return f"pillow-simd {PIL.__version__}" if ".post" in PIL.__version__ else f"Pillow {PIL.__version__}"
+
+
+def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
+            executor: str = "ray", log: Callable[[str], None] = print) -> dict:
+    """Run the whole command; returns the summary (the dataset card plus run timings)."""
+    validate(options)
+    out = Location(options.out)
+    params = output_parameters(options)
+    work = out.join("_work")
+    if not dry_run:
+        _claim_output(out, params)
+        if exists(out.join("dataset.json")):
+            card = read_json(out.join("dataset.json"))
+            log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
+                "sub-datasets; nothing to do")
+            return card
+    started = time.perf_counter()
+    runner = RayRunner(num_workers, ray_address) if executor == "ray" and not dry_run else None
+    startup = time.perf_counter() - started
+    mapper = runner.map if runner else run_serial
+    try:
+        inputs, listing_rejects = _listing(options, work, mapper, cache=not dry_run)
+        plan = make_plan(inputs, options.plan)
+        if dry_run:
+            return _dry_run(options, plan, listing_rejects, log)
+        tasks = _shard_tasks(options, out, plan)
+        pending = [task for task in tasks if not exists(stats_location(out, task.split, task.shard))]
+        log(f"prepare: {plan.rows.num_rows} images, {len(plan.classes)} classes → {options.spec.split} sub-datasets "
+            f"under {out.uri}; {len(pending)} shard(s) to write, {runner.parallelism if runner else 1} worker(s), "
+            f"{pil_flavour()}")
+        work_started = time.perf_counter()
+        seconds = _run_shards(mapper, pending)
+        elapsed = time.perf_counter() - work_started
+    finally:
+        if runner:
+            runner.shutdown()
+    card = _finalise(options, out, plan, listing_rejects)
+    images = sum(task.rows.num_rows for task in pending)
+    summary = {**card, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
+                               "images_per_second": images / elapsed if elapsed else 0.0, "stage_seconds": seconds}}
+    log(format_summary(summary))
+    return summary
+
+
+def _claim_output(out: Location, params: dict) -> None:
+    marker = out.join("_work", "params.json")
+    if exists(marker):
+        previous = read_json(marker)
+        if previous != params:
+            changed = _differences(previous, params)
+            raise ValueError(f"{out.uri} was prepared with other options ({'; '.join(changed)}); "
+                             "use another --out, or delete it to start over")
+        return
+    if exists(out.join("dataset.json")):
+        raise ValueError(f"{out.uri} holds a dataset without its _work/params.json; use another --out")
+    write_json(marker, params)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return changed
+
+
+def _listing(options: PrepareOptions, work: Location, mapper: Callable, cache: bool) -> tuple[pa.Table, pa.Table]:
+    inputs_at, rejects_at = work.join("inputs.parquet"), work.join("listing_rejects.parquet")
+    if cache and exists(inputs_at) and exists(rejects_at):
+        return _read_parquet(inputs_at), _read_parquet(rejects_at)
+    units, top_rejects = plan_units(list(options.sources), options.layout)
+    listed: list[Listed] = list(mapper(list_unit, units))
+    inputs = pa.concat_tables([item.inputs for item in listed]) if listed else None
+    if inputs is None or inputs.num_rows == 0:
+        raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
+    rejects = pa.concat_tables([top_rejects, *[item.rejects for item in listed]])
+    # Units finish in any order on Ray; sorting makes every table independent of scheduling.
+    inputs = inputs.sort_by([("source", "ascending"), ("member", "ascending")])
+    rejects = rejects.sort_by([("source", "ascending")])
+    if cache:
+        _write_parquet(inputs_at, inputs)
+        _write_parquet(rejects_at, rejects)
+    return inputs, rejects
+
+
+def _shard_tasks(options: PrepareOptions, out: Location, plan: Plan) -> Iterator[ShardTask]:
+    rows = plan.rows
+    keys = pc.binary_join_element_wise(rows.column("split"), pc.cast(rows.column("shard"), pa.string()), "/")
+    boundaries = [0]
+    values = keys.to_pylist()
+    boundaries += [i for i in range(1, len(values)) if values[i] != values[i - 1]]
+    boundaries.append(len(values))
+    for start, end in zip(boundaries[:-1], boundaries[1:], strict=True):
+        if end > start:
+            split, shard = values[start].split("/")
+            yield ShardTask(out, split, int(shard), rows.slice(start, end - start), options.spec)
+
+
+def _run_shards(mapper: Callable, tasks: list[ShardTask]) -> dict[str, float]:
+    from tqdm import tqdm
+
+    seconds: Counter = Counter()
+    total = sum(task.rows.num_rows for task in tasks)
+    with tqdm(total=total, unit="img", desc="prepare", file=sys.stderr, dynamic_ncols=True,
+              disable=None if total else True) as bar:
+        for stats in mapper(write_shard, tasks):
+            seconds.update(stats["seconds"])
+            bar.update(stats["samples"] + stats["rejected"])
+    return dict(seconds)
+
+
+def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_rejects: pa.Table) -> dict:
+    spec = options.spec
+    rows = plan.rows
+    shards = _shard_index(rows)
+    statuses = pa.concat_tables(
+        [_read_parquet(status_location(out, split, shard)) for split, shard in shards]
+    ) if shards else STATUS_SCHEMA.empty_table()
+    if statuses.column("key").to_pylist() != rows.column("key").to_pylist():
+        raise RuntimeError("shard status tables do not match the plan; delete OUT/stats and rerun")
+    manifest = pa.table(
+        {
+            **{name: rows.column(name) for name in ("key", "label", "class", "split", "shard", "position", "source",
+                                                     "member")},
+            "width": statuses.column("width"),
+            "height": statuses.column("height"),
+            "status": statuses.column("status"),
+            "reason": statuses.column("reason"),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    rejected = manifest.filter(pc.equal(manifest.column("status"), "rejected"))
+    rejected_sources = source_uris(rejected)
+    failed = statuses.filter(pc.equal(statuses.column("status"), "rejected"))
+    rejects = pa.concat_tables(
+        [listing_rejects, plan.rejects,
+         pa.table({"source": rejected_sources, "reason": failed.column("reason"), "detail": failed.column("detail")},
+                  schema=REJECTS_SCHEMA)]
+    ).sort_by([("source", "ascending"), ("reason", "ascending")])
+    written = manifest.filter(pc.equal(manifest.column("status"), "written"))
+    classes = _class_table(plan.classes, written)
+    stats = [read_json(stats_location(out, split, shard)) for split, shard in shards]
+    per_sub = [sum(s["bytes"][k] for s in stats) for k in range(spec.split)]
+    listed = rows.num_rows + plan.rejects.num_rows + listing_rejects.num_rows
+    if written.num_rows + rejects.num_rows != listed:
+        raise RuntimeError(f"counts do not reconcile: {listed} listed, {written.num_rows} written, "
+                           f"{rejects.num_rows} rejected")
+    _write_parquet(out.join("manifest.parquet"), manifest)
+    _write_parquet(out.join("rejects.parquet"), rejects)
+    _write_parquet(out.join("classes.parquet"), classes)
+    scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
+    card = {
+        "schema": "subspectral-dataset",
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "split": spec.split,
+        "grid": spec.grid,
+        "size": spec.size,
+        "image_size": spec.image_size,
+        "resize_mode": spec.resize_mode,
+        "transform": spec.transform,
+        "dct_scale": scale,
+        "format": spec.image_format,
+        "quality": spec.quality,
+        "seed": options.plan.seed,
+        "shard_size": options.plan.shard_size,
+        "val_per_class": options.plan.val_per_class,
+        "min_per_class": options.plan.min_per_class,
+        "min_side": spec.limits.min_side,
+        "max_pixels": spec.limits.max_pixels,
+        "num_classes": len(plan.classes),
+        "class_table_sha256": class_table_sha256(plan.classes),
+        "sub_datasets": sub_dataset_names(spec.split),
+        "splits": {
+            split: {"shards": sum(1 for s, _ in shards if s == split),
+                    "samples": sum(st["samples"] for st in stats if st["split"] == split)}
+            for split in ("train", "val")
+        },
+        "counts": {
+            "inputs": listed,
+            "written": written.num_rows,
+            "rejected": rejects.num_rows,
+            "rejected_by_reason": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
+        },
+        "bytes": {"total": sum(per_sub), "per_sub_dataset": per_sub,
+                  "per_sample_per_sub_dataset": sum(per_sub) / max(1, written.num_rows * spec.split)},
+        "source": {"uris": list(options.sources), "layout": options.layout},
+        "pil": pil_flavour(),
+    }
+    write_json(out.join("dataset.json"), card)
+    return card
+
+
+def class_table_sha256(classes: list[str]) -> str:
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+
+
+def _shard_index(rows: pa.Table) -> list[tuple[str, int]]:
+    pairs = pa.table({"split": rows.column("split"), "shard": rows.column("shard")}).group_by(["split", "shard"])
+    table = pairs.aggregate([]).sort_by([("split", "ascending"), ("shard", "ascending")])
+    return list(zip(table.column("split").to_pylist(), table.column("shard").to_pylist(), strict=True))
+
+
+def _class_table(classes: list[str], written: pa.Table) -> pa.Table:
+    counts = Counter(zip(written.column("label").to_pylist(), written.column("split").to_pylist(), strict=True))
+    return pa.table(
+        {"index": list(range(len(classes))), "name": classes,
+         "train": [counts[(i, "train")] for i in range(len(classes))],
+         "val": [counts[(i, "val")] for i in range(len(classes))]},
+        schema=CLASSES_SCHEMA,
+    )
+
+
+def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, log: Callable[[str], None]) -> dict:
+    rows = plan.rows
+    spec = options.spec
+    splits = Counter(rows.column("split").to_pylist())
+    shards = _shard_index(rows)
+    estimate = _estimate_sample_bytes(options, rows)
+    planned = {
+        "classes": len(plan.classes),
+        "images": dict(splits),
+        "shards": {split: sum(1 for s, _ in shards if s == split) for split in ("train", "val")},
+        "rejected_before_decoding": listing_rejects.num_rows + plan.rejects.num_rows,
+        "sub_datasets": spec.split,
+        "estimated_bytes_per_sample_per_sub_dataset": estimate,
+        "estimated_total_bytes": int(estimate * rows.num_rows * spec.split),
+    }
+    log(f"dry run (nothing written) for {options.out}:")
+    more = " …" if len(plan.classes) > 5 else ""
+    log(f"  classes: {planned['classes']} (first: {', '.join(plan.classes[:5])}{more})")
+    log(f"  images: train {splits.get('train', 0)}, val {splits.get('val', 0)}; "
+        f"rejected before decoding: {planned['rejected_before_decoding']}")
+    log(f"  shards per sub-dataset: train {planned['shards']['train']}, val {planned['shards']['val']} "
+        f"(--shard-size {options.plan.shard_size}) × {spec.split} sub-datasets of {spec.size}×{spec.size} "
+        f"from {spec.image_size}×{spec.image_size} ({spec.resize_mode}, transform {spec.transform}, "
+        f"{spec.image_format})")
+    log(f"  estimated output: {_human(planned['estimated_total_bytes'])} "
+        f"(≈{estimate:.0f} bytes per sample per sub-dataset, from {min(16, rows.num_rows)} encoded images)")
+    return planned
+
+
+def _estimate_sample_bytes(options: PrepareOptions, rows: pa.Table, count: int = 16) -> float:
+    """Encode a few planned images for real; tar overhead included (3 members per sample)."""
+    from .decode import RejectedInput
+    from .reader import SourceReader
+
+    reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
+    step = max(1, rows.num_rows // count)
+    for row in rows.slice(0, rows.num_rows).take(list(range(0, rows.num_rows, step))[:count]).to_pylist():
+        try:
+            images, _, _ = sample_encoder(reader.read(row["source"], row["offset"], row["size"]))
+        except (RejectedInput, OSError):
+            continue
+        sizes += [512 + len(image) + (-len(image) % 512) + 2 * 1024 for image in images]
+    reader.close()
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def format_summary(summary: dict) -> str:
+    counts, run = summary["counts"], summary["run"]
+    lines = [
+        f"done: {counts['written']} written + {counts['rejected']} rejected = {counts['inputs']} inputs "
+        f"(reconciled) into {summary['split']} sub-datasets, {summary['num_classes']} classes",
+        "  splits: " + ", ".join(f"{k} {v['samples']} samples / {v['shards']} shards"
+                                 for k, v in summary["splits"].items()),
+        f"  written: {_human(summary['bytes']['total'])} "
+        f"({summary['bytes']['per_sample_per_sub_dataset']:.0f} bytes per sample per sub-dataset)",
+        f"  throughput: {run['images_per_second']:.1f} images/s over {run['seconds']:.1f} s "
+        f"(+{run['startup_seconds']:.1f} s start-up); {summary['pil']}",
+    ]
+    if counts["rejected_by_reason"]:
+        lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
+                     + "  (see rejects.parquet)")
+    stage = run.get("stage_seconds") or {}
+    if stage and run["images"]:
+        lines.append("  ms per image per stage (summed over workers): "
+                     + ", ".join(f"{k} {1000 * v / run['images']:.2f}" for k, v in stage.items()))
+    return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _read_parquet(loc: Location) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(loc)))
+
+
+def _write_parquet(loc: Location, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(loc, buffer.getvalue())

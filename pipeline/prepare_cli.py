@@ -1,0 +1,123 @@
+"""Resize every image to S×S (S = r·s), split it into N = r² sub-images of s×s (polyphase, optionally
+followed by a DCT across the N components), and write N aligned WebDataset sub-datasets
+(OUT/sub-00 … OUT/sub-{N-1}) with a dataset card, class table, manifest and rejects table.
+
+Without --src, the embedded sample corpus is generated (deterministically, no network) and used.
+The work runs as Ray tasks on an embedded local Ray, or on a cluster with --ray-address / RAY_ADDRESS.
+Rerunning the same command resumes: finished shards are kept, the rest is written.
+
+examples:
+  python cli.py prepare --out data/sample                       # sample corpus, --split 36
+  python cli.py prepare --src /data/imagenet21k --out /data/in21k-sub36 --val-per-class 50 --min-per-class 500
+  python cli.py prepare --src s3://corpus/in21k --out s3://work/in21k-sub36 --ray-address auto
+  python cli.py prepare --src val_labels.csv --out data/in1k-val --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULTS = {
+    "split": 36,
+    "size": 56,
+    "resize_mode": "center-crop",
+    "transform": "none",
+    "format": "jpg",
+    "quality": 95,
+    "val_per_class": 0,
+    "min_per_class": 0,
+    "shard_size": 5000,
+    "seed": 0,
+    "layout": "auto",
+    "min_side": 32,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    io_group = parser.add_argument_group("input and output")
+    io_group.add_argument("--src", nargs="+", metavar="PATH_OR_URI",
+                          help="corpus roots or list files (local or s3://); default: the embedded sample corpus")
+    io_group.add_argument("--out", required=True, metavar="DIR_OR_URI", help="output folder (local or s3://)")
+    io_group.add_argument("--layout", default=d["layout"], choices=("auto", "imagefolder", "class-tars", "list"),
+                          help="input layout: ImageFolder tree, one tar per class (ImageNet-21K release), or a "
+                               "CSV/Parquet list with path and label columns (default: %(default)s, detected)")
+    split_group = parser.add_argument_group("sub-datasets")
+    split_group.add_argument("--split", type=int, default=d["split"], metavar="N",
+                             help="number of sub-datasets, a perfect square: 1 (full-resolution baseline), 4, 9, 16, "
+                                  "36, ... (default: %(default)s)")
+    split_group.add_argument("--size", type=int, default=d["size"], metavar="S",
+                             help="side of each sub-image; images are resized to sqrt(N)·S (default: %(default)s)")
+    split_group.add_argument("--resize-mode", default=d["resize_mode"], choices=("center-crop", "squash", "pad"),
+                             help="center-crop: shorter side to size, centred square; squash: ignore aspect; "
+                                  "pad: longer side to size on black (default: %(default)s)")
+    split_group.add_argument("--transform", default=d["transform"], choices=("none", "dct"),
+                             help="none: store the polyphase components; dct: orthonormal DCT-II across them, "
+                                  "stored as exactly invertible integer bands (needs --format npy) "
+                                  "(default: %(default)s)")
+    split_group.add_argument("--format", default=d["format"], choices=("jpg", "png", "webp", "npy"),
+                             help="image format of each sample (default: %(default)s)")
+    split_group.add_argument("--quality", type=int, default=d["quality"],
+                             help="JPEG/WebP quality, 1-100 (default: %(default)s)")
+    split_group.add_argument("--min-side", type=int, default=d["min_side"], metavar="PX",
+                             help="reject images whose shorter side is under this (default: %(default)s)")
+    plan_group = parser.add_argument_group("classes, splits and shards")
+    plan_group.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
+                            help="hold out N images per class for val, chosen by a seeded hash of the key; a source "
+                                 "with its own train/ and val/ keeps them (default: %(default)s)")
+    plan_group.add_argument("--min-per-class", type=int, default=d["min_per_class"], metavar="N",
+                            help="drop classes with fewer than N images (ImageNet-21K-P: 500) (default: %(default)s)")
+    plan_group.add_argument("--shard-size", type=int, default=d["shard_size"], metavar="N",
+                            help="samples per tar shard (default: %(default)s)")
+    plan_group.add_argument("--seed", type=int, default=d["seed"],
+                            help="seed of the val hold-out and of the shuffle before sharding (default: %(default)s)")
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--num-workers", type=int, default=None, metavar="N",
+                           help="parallel worker processes on the local machine (default: number of CPUs); the "
+                                "output does not depend on it")
+    run_group.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), metavar="ADDR",
+                           help="join an existing Ray cluster (e.g. auto, ray://head:10001) instead of starting an "
+                                "embedded one (default: $RAY_ADDRESS, else embedded)")
+    run_group.add_argument("--executor", default="ray", choices=("ray", "serial"),
+                           help="serial runs every task in this process, for debugging (default: %(default)s)")
+    run_group.add_argument("--dry-run", action="store_true",
+                           help="print the plan (classes, images per split, shards, estimated size); write nothing")
+
+
+def options_from_args(args: argparse.Namespace):
+    from .decode import SizeLimits
+    from .plan import PlanOptions
+    from .prepare import PrepareOptions
+    from .shard import SampleSpec
+    from .storage import location
+
+    if args.src:
+        sources = tuple(location(src).uri for src in args.src)
+    else:
+        from .sample import sample_corpus
+
+        sources = (location(sample_corpus()).uri,)
+    spec = SampleSpec(split=args.split, size=args.size, resize_mode=args.resize_mode, transform=args.transform,
+                      image_format=args.format, quality=args.quality, limits=SizeLimits(min_side=args.min_side))
+    plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=args.val_per_class,
+                       min_per_class=args.min_per_class)
+    return PrepareOptions(sources=sources, out=location(args.out).uri, layout=args.layout, spec=spec, plan=plan)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .distributor import default_workers
+    from .prepare import prepare
+
+    try:
+        options = options_from_args(args)
+        workers = args.num_workers or default_workers()
+        if workers < 1:
+            raise ValueError(f"--num-workers must be at least 1, got {workers}")
+        prepare(options, num_workers=workers, ray_address=args.ray_address, dry_run=args.dry_run,
+                executor=args.executor)
+    except (ValueError, OSError) as error:
+        print(f"prepare: error: {error}", file=sys.stderr)
+        return 2
+    return 0

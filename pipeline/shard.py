@@ -1,0 +1,184 @@
+"""One unit of work: shard j of one split, written to all N sub-datasets. No scheduling here.
+
+Reads the plan's rows for the shard in order; each image is read, decoded, resized, split and
+encoded N times; its three members go to the N tar streams. An input that fails is recorded and
+left out of all N shards alike, so they stay aligned. Completion order: the N tars are renamed
+into place, then the shard's status table, then its stats file — the marker a rerun checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.tables import STATUS_SCHEMA
+
+from . import decompose, encode, resize
+from .decode import RejectedInput, SizeLimits, decode_image
+from .reader import SourceReader
+from .storage import Location, atomic_output, write_bytes, write_json
+from .tarwriter import TarShardWriter, member_bytes
+
+STAGES = ("read", "decode", "resize", "decompose", "encode", "write")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything about a sample's pixels and encoding: the options that change output bytes."""
+
+    split: int = 36
+    size: int = 56
+    resize_mode: str = "center-crop"
+    transform: str = "none"
+    image_format: str = "jpg"
+    quality: int = 95
+    limits: SizeLimits = field(default_factory=SizeLimits)
+
+    @property
+    def grid(self) -> int:
+        return decompose.grid_factor(self.split)
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.size
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    out: Location
+    split: str  # "train" | "val"
+    shard: int
+    rows: pa.Table  # PLAN_SCHEMA rows of this shard, in position order
+    spec: SampleSpec
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:06d}"
+
+
+def sub_dataset_names(split: int) -> list[str]:
+    width = max(2, len(str(split - 1)))
+    return [f"sub-{k:0{width}d}" for k in range(split)]
+
+
+def stats_location(out: Location, split: str, shard: int) -> Location:
+    return out.join("stats", shard_name(split, shard) + ".json")
+
+
+def status_location(out: Location, split: str, shard: int) -> Location:
+    return out.join("_work", "status", shard_name(split, shard) + ".parquet")
+
+
+class SampleEncoder:
+    """Bytes of one image → its N encoded sub-images and original size; keeps per-stage timings."""
+
+    def __init__(self, spec: SampleSpec) -> None:
+        self.spec = spec
+        self._encode = encode.encoder(spec.image_format, spec.quality)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._minimum = functools.partial(resize.decoded_minimum, size=spec.image_size, mode=spec.resize_mode)
+
+    def __call__(self, data: bytes) -> tuple[list[bytes], int, int]:
+        spec, seconds, clock = self.spec, self.seconds, time.perf_counter
+        start = clock()
+        decoded = decode_image(data, self._minimum, spec.limits)
+        decoded_at = clock()
+        square = resize.resize_square(decoded.image, spec.image_size, spec.resize_mode)
+        resized_at = clock()
+        parts = decompose.decompose(square, spec.grid)
+        if spec.transform == "dct":
+            parts = decompose.dct_forward(parts[..., :3])
+        split_at = clock()
+        encoded = [self._encode(part) for part in parts]
+        encoded_at = clock()
+        seconds["decode"] += decoded_at - start
+        seconds["resize"] += resized_at - decoded_at
+        seconds["decompose"] += split_at - resized_at
+        seconds["encode"] += encoded_at - split_at
+        return encoded, decoded.width, decoded.height
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write shard ``task.shard`` of ``task.split`` to all N sub-datasets; returns its stats."""
+    spec = task.spec
+    extension = spec.image_format
+    names = sub_dataset_names(spec.split)
+    shard = shard_name(task.split, task.shard)
+    sample_encoder = SampleEncoder(spec)
+    reader = SourceReader()
+    status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+    rows = task.rows.select(["key", "label", "class", "source", "member", "offset", "size"]).to_pylist()
+    clock = time.perf_counter
+    with ExitStack() as stack:
+        writers = [
+            TarShardWriter(stack.enter_context(atomic_output(task.out.join(name, shard + ".tar"))))
+            for name in names
+        ]
+        for row in rows:
+            key = row["key"]
+            source = f"{row['source']}#{row['member']}" if row["member"] else row["source"]
+            start = clock()
+            try:
+                data = reader.read(row["source"], row["offset"], row["size"])
+            except OSError as error:
+                _record(status, key, "unreadable", str(error))
+                continue
+            sample_encoder.seconds["read"] += clock() - start
+            try:
+                images, width, height = sample_encoder(data)
+            except RejectedInput as error:
+                _record(status, key, error.reason, error.detail)
+                continue
+            write_start = clock()
+            label = member_bytes(f"{key}.cls", str(row["label"]).encode())
+            meta = json.dumps(
+                {"class": row["class"], "height": height, "src": source, "width": width}, sort_keys=True
+            ).encode()
+            meta_member = member_bytes(f"{key}.json", meta)
+            # Members in sorted name order, as webdataset's TarWriter writes them.
+            image_first = extension < "json"
+            for writer, image in zip(writers, images, strict=True):
+                image_member = member_bytes(f"{key}.{extension}", image)
+                writer.write_raw(label)
+                if image_first:
+                    writer.write_raw(image_member)
+                    writer.write_raw(meta_member)
+                else:
+                    writer.write_raw(meta_member)
+                    writer.write_raw(image_member)
+            sample_encoder.seconds["write"] += clock() - write_start
+            _record(status, key, None, None, width, height)
+        for writer in writers:
+            writer.finish()
+    reader.close()
+    written = sum(1 for s in status["status"] if s == "written")
+    status_table = pa.table(status, schema=STATUS_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(status_table, buffer)
+    write_bytes(status_location(task.out, task.split, task.shard), buffer.getvalue())
+    stats = {
+        "split": task.split,
+        "shard": task.shard,
+        "samples": written,
+        "rejected": len(rows) - written,
+        "bytes": [writer.bytes_written for writer in writers],
+    }
+    write_json(stats_location(task.out, task.split, task.shard), stats)
+    return {**stats, "seconds": sample_encoder.seconds}
+
+
+def _record(status: dict[str, list], key: str, reason: str | None, detail: str | None,
+            width: int | None = None, height: int | None = None) -> None:
+    status["key"].append(key)
+    status["status"].append("rejected" if reason else "written")
+    status["reason"].append(reason)
+    status["detail"].append(detail)
+    status["width"].append(width)
+    status["height"].append(height)

@@ -1,0 +1,97 @@
+"""Arrow schemas of every table `cli.py prepare` writes or passes between its steps."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+REJECT_REASONS = (
+    "empty_file",
+    "unreadable",
+    "not_an_image",
+    "truncated",
+    "too_small",
+    "too_large",
+    "corrupt_tar",
+    "unsafe_tar_member",
+    "stray_file",
+    "empty_class",
+    "below_min_per_class",
+)
+
+# Listing → planning (in memory; also kept in OUT/_work for resume).
+INPUTS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # file URI, or the class tar's URI when ``member`` is set
+        ("member", pa.string()),  # member name inside the class tar, null for plain files
+        ("offset", pa.int64()),  # byte offset of a tar member's data; -1 for plain files
+        ("size", pa.int64()),  # bytes; -1 when unknown (list files)
+        ("name", pa.string()),  # file name the key is derived from
+        ("class", pa.string()),
+        ("split", pa.string()),  # null unless the source fixes it
+    ]
+)
+
+# Planning → shard tasks: every input's key, split, shard and position, decided before fan-out.
+PLAN_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int32()),
+        ("class", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.int32()),
+        ("position", pa.int32()),
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+    ]
+)
+
+# Shard task → finalisation: what happened to each planned input.
+STATUS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),  # "written" | "rejected"
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int32()),
+        ("class", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.int32()),
+        ("position", pa.int32()),
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+CLASSES_SCHEMA = pa.schema(
+    [("index", pa.int32()), ("name", pa.string()), ("train", pa.int64()), ("val", pa.int64())]
+)
+
+
+@cache
+def card_schema() -> dict[str, Any]:
+    """JSON Schema of dataset.json (schemas/dataset_card.schema.json)."""
+    text = resources.files("schemas").joinpath("dataset_card.schema.json").read_text()
+    return json.loads(text)
