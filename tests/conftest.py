@@ -1,0 +1,64 @@
+"""Shared fixtures: real images, a real Ray, the embedded sample corpus, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth, structured RGB image (gradients, a disc, texture) of the given size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+    disc = ((x - cx) ** 2 + (y - cy) ** 2) < (0.2 * min(width, height)) ** 2
+    image = np.stack([x / width * 200 + 30, y / height * 180 + 40, 120 + 60 * np.sin(x / 9 + y / 13)], axis=-1)
+    image[disc] = rng.uniform(0, 255, 3)
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray | Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def run_cli(
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` as a user would; returns the completed process (stdout/stderr as text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=full_env,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cli.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole test session (prepare joins it instead of starting its own)."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """The embedded sample corpus, generated once into the test session's temp dir."""
+    from pipeline.sample import sample_corpus
+
+    return sample_corpus(tmp_path_factory.mktemp("sample-cache"))
