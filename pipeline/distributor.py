@@ -37,10 +37,10 @@ class RayRunner:
                 import schemas
 
                 ray.init(address=address, runtime_env={"py_modules": [pipeline, schemas]},
-                         log_to_driver=True, logging_level="WARNING")
+                         log_to_driver=True, logging_level="ERROR")
             else:
                 ray.init(num_cpus=num_workers, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                         logging_level="WARNING", configure_logging=True)
+                         logging_level="ERROR", configure_logging=True)
             self._started = True
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
         self.parallelism = min(num_workers, cluster_cpus) if not address else cluster_cpus

@@ -22,7 +22,7 @@ from schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHE
 
 from . import __version__, decompose, encode, resize
 from .distributor import RayRunner, run_serial
-from .listing import LAYOUTS, Listed, list_unit, plan_units
+from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
 from .plan import Plan, PlanOptions, make_plan, source_uris
 from .shard import (
     SampleEncoder,
@@ -91,12 +91,13 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
             log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
                 "sub-datasets; nothing to do")
             return card
+    units = plan_units(list(options.sources), options.layout)  # checks the sources before starting Ray
     started = time.perf_counter()
     runner = RayRunner(num_workers, ray_address) if executor == "ray" and not dry_run else None
     startup = time.perf_counter() - started
     mapper = runner.map if runner else run_serial
     try:
-        inputs, listing_rejects = _listing(options, work, mapper, cache=not dry_run)
+        inputs, listing_rejects = _listing(options, units, work, mapper, cache=not dry_run)
         plan = make_plan(inputs, options.plan)
         if dry_run:
             return _dry_run(options, plan, listing_rejects, log)
@@ -144,11 +145,12 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _listing(options: PrepareOptions, work: Location, mapper: Callable, cache: bool) -> tuple[pa.Table, pa.Table]:
+def _listing(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], work: Location, mapper: Callable,
+             cache: bool) -> tuple[pa.Table, pa.Table]:
     inputs_at, rejects_at = work.join("inputs.parquet"), work.join("listing_rejects.parquet")
     if cache and exists(inputs_at) and exists(rejects_at):
         return _read_parquet(inputs_at), _read_parquet(rejects_at)
-    units, top_rejects = plan_units(list(options.sources), options.layout)
+    units, top_rejects = units
     listed: list[Listed] = list(mapper(list_unit, units))
     inputs = pa.concat_tables([item.inputs for item in listed]) if listed else None
     if inputs is None or inputs.num_rows == 0:

@@ -15,6 +15,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -85,24 +86,29 @@ class SampleEncoder:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._minimum = functools.partial(resize.decoded_minimum, size=spec.image_size, mode=spec.resize_mode)
 
-    def __call__(self, data: bytes) -> tuple[list[bytes], int, int]:
-        spec, seconds, clock = self.spec, self.seconds, time.perf_counter
+    def square(self, data: bytes) -> tuple[np.ndarray, int, int]:
+        """Decode and resize: the S×S image (RGBX for JPEG, else RGB) and the original width and height."""
+        clock = time.perf_counter
         start = clock()
-        decoded = decode_image(data, self._minimum, spec.limits)
+        decoded = decode_image(data, self._minimum, self.spec.limits)
         decoded_at = clock()
-        square = resize.resize_square(decoded.image, spec.image_size, spec.resize_mode)
-        resized_at = clock()
-        parts = decompose.decompose(square, spec.grid)
-        if spec.transform == "dct":
+        square = resize.resize_square(decoded.image, self.spec.image_size, self.spec.resize_mode)
+        self.seconds["decode"] += decoded_at - start
+        self.seconds["resize"] += clock() - decoded_at
+        return square, decoded.width, decoded.height
+
+    def __call__(self, data: bytes) -> tuple[list[bytes], int, int]:
+        square, width, height = self.square(data)
+        clock = time.perf_counter
+        start = clock()
+        parts = decompose.decompose(square, self.spec.grid)
+        if self.spec.transform == "dct":
             parts = decompose.dct_forward(parts[..., :3])
         split_at = clock()
         encoded = [self._encode(part) for part in parts]
-        encoded_at = clock()
-        seconds["decode"] += decoded_at - start
-        seconds["resize"] += resized_at - decoded_at
-        seconds["decompose"] += split_at - resized_at
-        seconds["encode"] += encoded_at - split_at
-        return encoded, decoded.width, decoded.height
+        self.seconds["decompose"] += split_at - start
+        self.seconds["encode"] += clock() - split_at
+        return encoded, width, height
 
 
 def write_shard(task: ShardTask) -> dict:

@@ -1,0 +1,257 @@
+"""`cli.py prepare` end to end on real files, real Ray, real tar readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from conftest import REPO, run_cli
+from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
+from PIL import Image
+
+from pipeline.decompose import dct_inverse
+from pipeline.plan import PlanOptions
+from pipeline.prepare import PrepareOptions, prepare
+from pipeline.shard import SampleEncoder, SampleSpec
+from pipeline.storage import location
+from schemas import card_schema
+
+
+def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",
+                shard_size: int = 100, val_per_class: int = 0, layout: str = "auto", **spec) -> dict:
+    sources = tuple(location(s).uri for s in (src if isinstance(src, list) else [src]))
+    options = PrepareOptions(
+        sources=sources, out=location(out).uri, layout=layout,
+        spec=SampleSpec(split=split, image_format=image_format, transform=transform, **spec),
+        plan=PlanOptions(shard_size=shard_size, seed=0, val_per_class=val_per_class),
+    )
+    return prepare(options, num_workers=2, ray_address=None, dry_run=False, log=lambda _: None)
+
+
+def read_sub_dataset(out: Path, name: str, split: str) -> list[dict]:
+    card = json.loads((out / "dataset.json").read_text())
+    urls = [str(out / name / f"{split}-{j:06d}.tar") for j in range(card["splits"][split]["shards"])]
+    return list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
+
+
+def assert_aligned(out: Path) -> dict:
+    """Every sub-dataset holds the same keys in the same shards in the same order; returns the card."""
+    card = json.loads((out / "dataset.json").read_text())
+    jsonschema.validate(card, card_schema())
+    for split, info in card["splits"].items():
+        for j in range(info["shards"]):
+            reference = None
+            for name in card["sub_datasets"]:
+                with tarfile.open(out / name / f"{split}-{j:06d}.tar") as archive:
+                    names = archive.getnames()
+                if reference is None:
+                    reference = [n.split(".", 1)[0] for n in names]
+                assert [n.split(".", 1)[0] for n in names] == reference, f"{name} {split} shard {j} misaligned"
+    return card
+
+
+def components_of(samples_by_sub: list[list[dict]], index: int, ext: str) -> np.ndarray:
+    return np.stack([np.load(io.BytesIO(s[index][ext])) if ext == "npy" else
+                     np.asarray(Image.open(io.BytesIO(s[index][ext])).convert("RGB"))
+                     for s in samples_by_sub])
+
+
+def expected_square(source: str, split: int = 36, size: int = 56) -> np.ndarray:
+    """The resized image as the pipeline computes it before splitting."""
+    square, _, _ = SampleEncoder(SampleSpec(split=split, size=size)).square(Path(source).read_bytes())
+    return square[..., :3]
+
+
+def pixel_shuffle(components: np.ndarray) -> np.ndarray:
+    """Reference composition by torch: (N, s, s, 3) → (S, S, 3)."""
+    n = components.shape[0]
+    r = int(round(n ** 0.5))
+    channels = torch.from_numpy(components).permute(3, 0, 1, 2).reshape(1, 3 * n, *components.shape[1:3])
+    return F.pixel_shuffle(channels, r)[0].permute(1, 2, 0).numpy()
+
+
+def test_sample_png_split36_reconstructs_bit_exactly_and_aligns(ray_local, sample_root, tmp_path):
+    out = tmp_path / "out"
+    run_prepare(sample_root, out, image_format="png", shard_size=200, val_per_class=10)
+    card = assert_aligned(out)
+    assert card["counts"]["written"] == 600 and card["counts"]["rejected"] == 0
+    assert card["splits"]["val"]["samples"] == 100
+    subs = [read_sub_dataset(out, name, "train") for name in card["sub_datasets"]]
+    for index in (0, 7, 250, len(subs[0]) - 1):
+        meta = json.loads(subs[0][index]["json"])
+        image = pixel_shuffle(components_of(subs, index, "png"))
+        np.testing.assert_array_equal(image, expected_square(meta["src"]))
+        assert int(subs[5][index]["cls"]) == int(subs[0][index]["cls"])
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert manifest.num_rows == 600 and set(manifest.column("status").to_pylist()) == {"written"}
+    classes = pq.read_table(out / "classes.parquet").to_pylist()
+    assert [c["name"] for c in classes] == sorted(c["name"] for c in classes)
+    assert sum(c["train"] + c["val"] for c in classes) == 600
+
+
+@pytest.mark.parametrize("transform", ["none", "dct"])
+def test_npy_components_and_dct_bands_invert_exactly(ray_local, tmp_path, transform):
+    root = image_folder(tmp_path / "corpus")
+    out = tmp_path / "out"
+    card = run_prepare(root, out, split=4, size=40, image_format="npy", transform=transform)
+    assert card["dct_scale"] == (2 if transform == "dct" else None)
+    subs = [read_sub_dataset(out, name, "train") for name in card["sub_datasets"]]
+    for index in range(len(subs[0])):
+        parts = components_of(subs, index, "npy")
+        if transform == "dct":
+            assert parts.dtype == np.int16
+            parts = dct_inverse(parts)
+        meta = json.loads(subs[0][index]["json"])
+        np.testing.assert_array_equal(pixel_shuffle(parts), expected_square(meta["src"], 4, 40))
+
+
+def test_ray_data_reads_a_sub_dataset(ray_local, tmp_path):
+    out = tmp_path / "out"
+    card = run_prepare(image_folder(tmp_path / "corpus"), out, split=9, size=16, shard_size=5)
+    assert card["splits"]["train"]["shards"] == 4
+    rows = ray_local.data.read_webdataset(str(out / "sub-04")).take_all()
+    assert len(rows) == card["splits"]["train"]["samples"] == 18
+    assert {r["__key__"] for r in rows} == {s["__key__"] for s in read_sub_dataset(out, "sub-04", "train")}
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counts_reconcile(ray_local, tmp_path):
+    folder = image_folder(tmp_path / "folder")
+    expected_folder = add_folder_quirks(folder)
+    tars = class_tars(tmp_path / "tars")
+    add_tar_quirks(tars)
+    out = tmp_path / "out"
+    card = run_prepare([folder, tars], out, split=4, size=24)
+    assert_aligned(out)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    got = {r["source"].split(str(tmp_path) + "/", 1)[1]: r["reason"] for r in rejects}
+    want = {f"folder/{k}": v for k, v in expected_folder.items() if v}
+    want.update({f"tars/{t}" + (f"#{m}" if m else ""): v for (t, m), v in TAR_QUIRKS.items()})
+    assert got == want
+    counts = card["counts"]
+    assert counts["inputs"] == counts["written"] + counts["rejected"]
+    manifest = pq.read_table(out / "manifest.parquet")
+    written = manifest.filter(pc.equal(manifest.column("status"), "written"))
+    assert counts["written"] == written.num_rows == 6 * 3 * 2 + 2 + 7  # good images in both layouts + odd ones
+    keys = written.column("key").to_pylist()
+    assert len(set(keys)) == len(keys) and not any("." in k for k in keys)
+    assert not Path("/tmp/subspectral-evil-absolute.JPEG").exists()
+    assert not (tmp_path / "subspectral-evil-parent.JPEG").exists()
+
+
+def test_both_layouts_give_the_same_samples(ray_local, tmp_path):
+    a = run_prepare(image_folder(tmp_path / "folder"), tmp_path / "a", split=4, size=24)
+    b = run_prepare(class_tars(tmp_path / "tars"), tmp_path / "b", split=4, size=24)
+    assert a["counts"]["written"] == b["counts"]["written"] == 18
+    for sub in a["sub_datasets"]:
+        left = read_sub_dataset(tmp_path / "a", sub, "train")
+        right = read_sub_dataset(tmp_path / "b", sub, "train")
+        assert [(s["__key__"], s["cls"], s["jpg"]) for s in left] == [(s["__key__"], s["cls"], s["jpg"]) for s in right]
+
+
+def test_real_photos(ray_local, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    root = tmp_path / "photos"
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(getattr(skimage_data, name)()).save(root / name / f"{name}.JPEG", quality=92)
+    out = tmp_path / "out"
+    run_prepare(root, out, image_format="png")
+    subs = [read_sub_dataset(out, f"sub-{k:02d}", "train") for k in range(36)]
+    for index in range(4):
+        meta = json.loads(subs[0][index]["json"])
+        np.testing.assert_array_equal(pixel_shuffle(components_of(subs, index, "png")), expected_square(meta["src"]))
+
+
+# ---- the command line, as a user runs it -------------------------------------------------------------
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CLI_OPTIONS = ("--shard-size", "40", "--val-per-class", "5", "--split", "16", "--size", "28")
+
+
+@pytest.fixture(scope="module")
+def reference_run(sample_root, tmp_path_factory):
+    """The sample prepared by the CLI with one worker: the reference for the runs below."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--num-workers", "1", *CLI_OPTIONS)
+    assert "600 written + 0 rejected = 600 inputs" in result.stdout
+    return out
+
+
+def test_cli_output_is_byte_identical_for_one_and_two_workers(reference_run, sample_root, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--num-workers", "2", *CLI_OPTIONS)
+    assert "2 worker(s)" in result.stdout
+    assert tree_bytes(out) == tree_bytes(reference_run)
+
+
+def test_cli_resumes_after_a_real_kill(reference_run, sample_root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "cli.py"), "prepare", "--src", str(sample_root), "--out", str(out),
+               "--num-workers", "1", *CLI_OPTIONS]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "stats").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-run
+    process.wait()
+    done = -1
+    while done != (done := len(list((out / "stats").glob("*.json")))):  # a worker may outlive its driver briefly
+        time.sleep(2)
+    card = json.loads((reference_run / "dataset.json").read_text())
+    total = card["splits"]["train"]["shards"] + card["splits"]["val"]["shards"]
+    assert 0 < done < total and not (out / "dataset.json").exists()
+    for tar in out.glob("sub-*/*.tar"):  # whatever is visible is a complete tar; partial ones are hidden
+        with tarfile.open(tar) as archive:
+            archive.getmembers()
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--num-workers", "2", *CLI_OPTIONS)
+    assert f"{total - done} shard(s) to write" in result.stdout
+    assert tree_bytes(out) == tree_bytes(reference_run)
+
+
+def test_cli_refuses_changed_options_and_skips_a_finished_run(reference_run, sample_root):
+    again = run_cli("prepare", "--src", str(sample_root), "--out", str(reference_run), *CLI_OPTIONS)
+    assert "already complete" in again.stdout
+    changed = run_cli("prepare", "--src", str(sample_root), "--out", str(reference_run), *CLI_OPTIONS,
+                      "--quality", "80", check=False)
+    assert changed.returncode == 2
+    assert "prepared with other options (spec.quality: 95 then, 80 now)" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(sample_root, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--dry-run", *CLI_OPTIONS)
+    assert "classes: 10" in result.stdout and "train 550, val 50" in result.stdout
+    assert "estimated output" in result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--split", "35"), "perfect square"),
+    (("--transform", "dct"), "needs --format npy"),
+    (("--src", "/nonexistent/corpus"), "no such file or folder"),
+])
+def test_cli_bad_options_give_one_clear_line(tmp_path, args, message):
+    result = run_cli("prepare", "--out", str(tmp_path / "o"), *(args if "--src" in args else ("--src", str(tmp_path),
+                     *args)), check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
