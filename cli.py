@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # name -> (module, one-line help). Order is the order of the chain.
@@ -45,8 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Batch schedulers pre-empt with SIGTERM: unwind normally (Ray shut down, files closed; every
+    # output is written atomically), so rerunning the same command resumes where this one stopped.
+    raise SystemExit(f"{signal.Signals(signum).name} received: stopped; rerun the same command to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return int(args._run(args) or 0)
 
 

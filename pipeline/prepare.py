@@ -103,6 +103,9 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
             return _dry_run(options, plan, listing_rejects, log)
         tasks = _shard_tasks(options, out, plan)
         pending = [task for task in tasks if not exists(stats_location(out, task.split, task.shard))]
+        if ".post" not in pil_flavour():
+            log("prepare: note: plain Pillow is loaded, not pillow-simd (resize is several times slower); "
+                "scripts/setup.sh installs pillow-simd")
         log(f"prepare: {plan.rows.num_rows} images, {len(plan.classes)} classes → {options.spec.split} sub-datasets "
             f"under {out.uri}; {len(pending)} shard(s) to write, {runner.parallelism if runner else 1} worker(s), "
             f"{pil_flavour()}")
