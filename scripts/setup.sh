@@ -16,8 +16,10 @@ $py -m pip install -q -e "$spec"
 if ! $py -c 'import PIL,sys; sys.exit(0 if ".post" in PIL.__version__ else 1)' 2>/dev/null; then
   flags=""
   grep -qw avx2 /proc/cpuinfo 2>/dev/null && flags="-mavx2"
-  $py -m pip uninstall -q -y pillow
-  if ! CC="cc $flags" $py -m pip install -q --no-binary pillow-simd pillow-simd==12.1.1.post0; then
+  # Both own the same PIL/ files: remove both, then reinstall pillow-simd's files for sure.
+  $py -m pip uninstall -q -y pillow pillow-simd
+  if ! CC="cc $flags" $py -m pip install -q --no-binary pillow-simd --no-deps --force-reinstall \
+      pillow-simd==12.1.1.post0; then
     echo "setup: pillow-simd failed to build; falling back to Pillow" >&2
     $py -m pip install -q pillow
   fi
