@@ -78,8 +78,7 @@ def make_plan(inputs: pa.Table, options: PlanOptions) -> Plan:
     sources = [sources[i] for i in np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))]
     keys = make_keys(inputs.column("name"), sources)
     order_hash = seeded_hash(keys, options.seed, "order")
-    class_index = {name: index for index, name in enumerate(kept)}
-    labels = np.array([class_index[c] for c in inputs.column("class").to_pylist()], dtype=np.int32)
+    labels = pc.index_in(inputs.column("class"), pa.array(kept, pa.string())).to_numpy().astype(np.int32)
     splits = _assign_splits(inputs.column("split").to_pylist(), labels, order_hash, options.val_per_class)
 
     key_array = np.array(keys, dtype=object)

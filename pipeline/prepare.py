@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -169,16 +170,14 @@ def _listing(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table],
 
 
 def _shard_tasks(options: PrepareOptions, out: Location, plan: Plan) -> Iterator[ShardTask]:
-    rows = plan.rows
-    keys = pc.binary_join_element_wise(rows.column("split"), pc.cast(rows.column("shard"), pa.string()), "/")
-    boundaries = [0]
-    values = keys.to_pylist()
-    boundaries += [i for i in range(1, len(values)) if values[i] != values[i - 1]]
-    boundaries.append(len(values))
-    for start, end in zip(boundaries[:-1], boundaries[1:], strict=True):
-        if end > start:
-            split, shard = values[start].split("/")
-            yield ShardTask(out, split, int(shard), rows.slice(start, end - start), options.spec)
+    rows = plan.rows  # sorted by (split, shard, position): each shard is one contiguous slice
+    split_code = pc.equal(rows.column("split"), "val").to_numpy(zero_copy_only=False).astype(np.int64)
+    shard_id = split_code << 32 | rows.column("shard").to_numpy().astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, shard_id[1:] != shard_id[:-1]]) if len(shard_id) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(shard_id)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        split = "val" if split_code[start] else "train"
+        yield ShardTask(out, split, int(shard_id[start] & 0xFFFFFFFF), rows.slice(start, end - start), options.spec)
 
 
 def _run_shards(mapper: Callable, tasks: list[ShardTask]) -> dict[str, float]:
@@ -201,7 +200,7 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
     statuses = pa.concat_tables(
         [_read_parquet(status_location(out, split, shard)) for split, shard in shards]
     ) if shards else STATUS_SCHEMA.empty_table()
-    if statuses.column("key").to_pylist() != rows.column("key").to_pylist():
+    if not statuses.column("key").equals(rows.column("key")):
         raise RuntimeError("shard status tables do not match the plan; delete OUT/stats and rerun")
     manifest = pa.table(
         {
@@ -287,13 +286,13 @@ def _shard_index(rows: pa.Table) -> list[tuple[str, int]]:
 
 
 def _class_table(classes: list[str], written: pa.Table) -> pa.Table:
-    counts = Counter(zip(written.column("label").to_pylist(), written.column("split").to_pylist(), strict=True))
-    return pa.table(
-        {"index": list(range(len(classes))), "name": classes,
-         "train": [counts[(i, "train")] for i in range(len(classes))],
-         "val": [counts[(i, "val")] for i in range(len(classes))]},
-        schema=CLASSES_SCHEMA,
-    )
+    counts = written.group_by(["label", "split"]).aggregate([("key", "count")])
+    per_split = {split: np.zeros(len(classes), dtype=np.int64) for split in ("train", "val")}
+    for label, split, count in zip(*(counts.column(c).to_pylist() for c in ("label", "split", "key_count")),
+                                   strict=True):
+        per_split[split][label] = count
+    return pa.table({"index": np.arange(len(classes), dtype=np.int32), "name": classes, **per_split},
+                    schema=CLASSES_SCHEMA)
 
 
 def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, log: Callable[[str], None]) -> dict:
