@@ -24,10 +24,6 @@ class Location:
 
     uri: str
 
-    @property
-    def is_local(self) -> bool:
-        return "://" not in self.uri or self.uri.startswith("file://")
-
     def resolve(self) -> tuple[pafs.FileSystem, str]:
         return _resolve(self.uri)
 
@@ -35,14 +31,6 @@ class Location:
         base, query = (self.uri.split("?", 1) + [""])[:2]
         joined = posixpath.join(base, *parts)
         return Location(f"{joined}?{query}" if query else joined)
-
-    @property
-    def path(self) -> str:
-        return self.resolve()[1]
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.uri.split("?", 1)[0].rstrip("/"))
 
 
 def location(uri: str | os.PathLike) -> Location:
@@ -52,7 +40,7 @@ def location(uri: str | os.PathLike) -> Location:
     return Location(text)
 
 
-_FILESYSTEMS: dict[str, tuple[pafs.FileSystem, str]] = {}
+_FILESYSTEMS: dict[str, pafs.FileSystem] = {}  # one client per bucket and endpoint, reused by every read
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -66,10 +54,8 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
             endpoint = os.environ["AWS_ENDPOINT_URL"]
             scheme = "http" if endpoint.startswith("http://") else "https"
             query = f"endpoint_override={endpoint.split('://', 1)[1]}&scheme={scheme}"
-        filesystem, _ = pafs.FileSystem.from_uri(base + ("?" + query if query else ""))
-        _FILESYSTEMS[cache_key] = (filesystem, "")
-    filesystem = _FILESYSTEMS[cache_key][0]
-    return filesystem, base.split("://", 1)[1].rstrip("/")
+        _FILESYSTEMS[cache_key] = pafs.FileSystem.from_uri(base + ("?" + query if query else ""))[0]
+    return _FILESYSTEMS[cache_key], base.split("://", 1)[1].rstrip("/")
 
 
 def exists(loc: Location) -> bool:
