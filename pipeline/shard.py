@@ -122,6 +122,7 @@ def write_shard(task: ShardTask) -> dict:
     status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
     rows = task.rows.select(["key", "label", "class", "source", "member", "offset", "size"]).to_pylist()
     clock = time.perf_counter
+    image_first = extension < "json"
     with ExitStack() as stack:
         writers = [
             TarShardWriter(stack.enter_context(atomic_output(task.out.join(name, shard + ".tar"))))
@@ -148,17 +149,12 @@ def write_shard(task: ShardTask) -> dict:
                 {"class": row["class"], "height": height, "src": source, "width": width}, sort_keys=True
             ).encode()
             meta_member = member_bytes(f"{key}.json", meta)
-            # Members in sorted name order, as webdataset's TarWriter writes them.
-            image_first = extension < "json"
+            # Members in sorted name order, as webdataset's TarWriter writes them; one write per sample.
+            image_name = f"{key}.{extension}"
             for writer, image in zip(writers, images, strict=True):
-                image_member = member_bytes(f"{key}.{extension}", image)
-                writer.write_raw(label)
-                if image_first:
-                    writer.write_raw(image_member)
-                    writer.write_raw(meta_member)
-                else:
-                    writer.write_raw(meta_member)
-                    writer.write_raw(image_member)
+                image_member = member_bytes(image_name, image)
+                members = (label, image_member, meta_member) if image_first else (label, meta_member, image_member)
+                writer.write_raw(b"".join(members))
             sample_encoder.seconds["write"] += clock() - write_start
             _record(status, key, None, None, width, height)
         for writer in writers:

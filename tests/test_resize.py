@@ -5,7 +5,7 @@ import pytest
 from conftest import photo_like
 from PIL import Image
 
-from pipeline.resize import decoded_minimum, resize_square
+from pipeline.resize import decoded_minimum, pixels, resize_square
 
 
 def test_center_crop_takes_the_exact_centre_square():
@@ -41,3 +41,10 @@ def test_decoded_minimum_keeps_the_side_that_matters():
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="--resize-mode"):
         resize_square(Image.new("RGB", (10, 10)), 8, "stretch")
+
+
+@pytest.mark.parametrize(("mode", "size"), [("RGBX", (336, 336)), ("RGBA", (57, 31)), ("RGB", (40, 30)),
+                                            ("RGBX", (4000, 3000))])
+def test_pixels_view_equals_a_copy(mode, size):
+    image = Image.fromarray(photo_like(*size)).convert(mode)
+    np.testing.assert_array_equal(pixels(image), np.asarray(image))
