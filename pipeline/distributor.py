@@ -8,6 +8,8 @@ embedded local Ray, or on a cluster (``--ray-address`` / ``RAY_ADDRESS``). Tasks
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -31,6 +33,9 @@ class RayRunner:
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
+            # ray.init installs its own SIGTERM handler (exit 15, no message); keep the CLI's, which unwinds
+            # cleanly and tells the user to rerun.
+            sigterm_handler = signal.getsignal(signal.SIGTERM)
             if address:
                 # Ship the project's packages so workers on other machines import the same code.
                 import pipeline
@@ -41,17 +46,24 @@ class RayRunner:
             else:
                 ray.init(num_cpus=num_workers, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                          logging_level="ERROR", configure_logging=True)
+            if callable(sigterm_handler) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm_handler)
             self._started = True
-        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.parallelism = min(num_workers, cluster_cpus) if not address else cluster_cpus
-        self.address = address
+        self._num_workers = None if address else num_workers
+
+    @property
+    def parallelism(self) -> int:
+        """Tasks that can run at once; read afresh, since cluster workers may join (or leave) mid-run."""
+        cluster_cpus = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        return min(self._num_workers, cluster_cpus) if self._num_workers else cluster_cpus
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         remote = self._ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(fn)
         pending: list[Any] = []
-        window = 2 * max(1, self.parallelism)
+        window = 2 * self.parallelism
         for task in tasks:
             if len(pending) >= window:
+                window = 2 * self.parallelism
                 done, pending = self._ray.wait(pending, num_returns=1)
                 yield self._ray.get(done[0])
             pending.append(remote.remote(task))
