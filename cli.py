@@ -20,6 +20,8 @@ import sys
 # name -> (module, one-line help). Order is the order of the chain.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipeline.prepare_cli", "split a corpus into N aligned WebDataset sub-datasets"),
+    "train": ("train.train_cli", "train one sub-network per sub-dataset"),
+    "ensemble-eval": ("train.ensemble_cli", "evaluate the ensemble of trained members"),
 }
 
 

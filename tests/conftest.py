@@ -62,3 +62,13 @@ def sample_root(tmp_path_factory) -> Path:
     from pipeline.sample import sample_corpus
 
     return sample_corpus(tmp_path_factory.mktemp("sample-cache"))
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(sample_root, tmp_path_factory) -> Path:
+    """The embedded sample prepared once by the CLI for the trainer tests: 36 sub-datasets,
+    10 val images per class, 128-sample shards (so train shards divide unevenly: 128+128+128+116)."""
+    out = tmp_path_factory.mktemp("prepared-sample") / "data"
+    run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--split", "36", "--val-per-class", "10",
+            "--shard-size", "128", "--executor", "serial")
+    return out

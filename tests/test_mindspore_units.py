@@ -1,0 +1,158 @@
+"""MindSpore backend pieces in-process: EBV basis, architectures, data batches, precision, checkpoints, loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mindspore")
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from train.config import DataConfig, Recipe, TrainConfig  # noqa: E402
+from train.data import TrainStream, make_loader, read_card, shard_uris  # noqa: E402
+from train.mindspore.checkpoint import read_ckpt, save_ckpt  # noqa: E402
+from train.mindspore.data import SlotStream, train_dataset  # noqa: E402
+from train.mindspore.ebv import generate_basis  # noqa: E402
+from train.mindspore.models import ARCHS, count_parameters, create_model, ebv_basis_of  # noqa: E402
+from train.mindspore.step import learning_rates, precision_for  # noqa: E402
+
+ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_ebv_basis_equals_the_torch_backends():
+    from train.trainer import build_member_model
+
+    spec = {"name": "resnet18", "stem": "imagenet", "head": "ebv", "ebv_dim": 8, "ebv_tau": 0.07, "ebv_seed": 7,
+            "ebv_threshold": 0.002, "input": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    recipe = Recipe()
+    recipe.model.ebv_steps = 300
+    torch_model = build_member_model({"num_classes": 12, "model": spec}, recipe, torch.device("cpu"), None)
+    torch_basis = torch_model.net.fc.basis.numpy()
+    basis = generate_basis(12, 8, 0.002, 7, 300)
+    network = create_model("resnet18", 12, stem="imagenet", head="ebv", ebv_basis=basis)
+    assert np.array_equal(ebv_basis_of(network), torch_basis)  # bit for bit
+    assert not np.array_equal(generate_basis(12, 8, 0.002, 8, 300), torch_basis)  # the seed matters
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("stem", ["imagenet", "lowres"])
+def test_architectures_match_torchvision_parameter_counts(name, stem):
+    from train.models import create_model as torch_model
+
+    expected = sum(p.numel() for p in torch_model(name, 1000, stem=stem).parameters())
+    assert count_parameters(create_model(name, 1000, stem=stem)) == expected
+
+
+def test_forward_takes_stored_uint8_batches_at_56_and_28():
+    network = create_model("resnet18", 10, stem="imagenet")
+    network.set_train(False)
+    for size in (56, 28):
+        batch = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        assert network(ms.Tensor(batch)).shape == (2, 10)
+
+
+def _stream(cls, data: Path, workers_seed: int = 3):
+    card = read_card(str(data))
+    config = DataConfig(batch_size=20, shuffle_buffer=50)
+    return cls(shard_uris(str(data), card, 4, "train"), card, config, batch_size=20, batches_per_epoch=6,
+               rank=0, world=1, seed=workers_seed)
+
+
+def test_batches_equal_the_torch_loaders_in_order(prepared_sample):
+    """Same partition, shuffle and augmentation as train.data, with 2 parallel workers on both sides."""
+    torch_stream, ms_stream = _stream(TrainStream, prepared_sample), _stream(SlotStream, prepared_sample)
+    torch_stream.set_epoch(1)
+    ms_stream.set_epoch(1)
+    expected = [(b["images"].numpy(), b["labels"].numpy()) for b in make_loader(torch_stream, 2, False)]
+    got = list(train_dataset(ms_stream, 2).create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert len(got) == len(expected) == 6
+    for (images, labels, skipped), (want_images, want_labels) in zip(got, expected, strict=True):
+        assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels) and skipped == 0
+    ms_stream.set_epoch(2)
+    other_epoch = next(train_dataset(ms_stream, 2).create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert not np.array_equal(other_epoch[0], got[0][0])
+
+
+def test_amp_follows_the_recipe_and_is_off_on_cpu():
+    assert precision_for(TrainConfig(amp=True), "CPU").amp_level == "O0"
+    fp16 = precision_for(TrainConfig(amp=True, amp_dtype="float16"), "Ascend")
+    assert (fp16.amp_level, fp16.dtype, fp16.loss_scaling) == ("O2", "float16", True)
+    bf16 = precision_for(TrainConfig(amp=True, amp_dtype="bfloat16"), "GPU")
+    assert (bf16.dtype, bf16.loss_scaling) == ("bfloat16", False)
+    assert precision_for(TrainConfig(amp=False), "Ascend").amp_level == "O0"
+
+
+def test_learning_rates_follow_the_torch_schedule():
+    from train.engine import build_scheduler
+
+    recipe = Recipe()
+    recipe.schedule.epochs, recipe.schedule.warmup_epochs, recipe.optimizer.lr = 4, 1, 0.1
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, recipe, 5)
+    expected = []
+    for _ in range(20):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert np.allclose(learning_rates(recipe, 5), expected)
+
+
+def test_checkpoint_is_atomic_and_refuses_another_member(tmp_path):
+    network = create_model("resnet18", 10, stem="imagenet")
+    meta = {"shard": 3, "model": {"name": "resnet18"}, "num_classes": 10}
+    path = tmp_path / "last.ckpt"
+    save_ckpt(network, path, meta, standalone=True, epoch=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+    params, saved = read_ckpt(path, meta)
+    assert saved == meta and "net.conv1.weight" in params and float(params["epoch"].asnumpy()) == 4
+    from train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="shard is 3 there, 4 here"):
+        read_ckpt(path, {**meta, "shard": 4})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_ckpt(path)
+
+
+def test_missing_mindspore_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    from train.mindspore import MindSporeMissing, require_mindspore
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mindspore" else real(name, *a))
+    with pytest.raises(MindSporeMissing) as error:
+        require_mindspore()
+    assert "pip install '.[mindspore]'" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_member_loader_predicts_what_the_network_computes(tmp_path):
+    from train.members import load_member, read_run
+    from train.mindspore.checkpoint import save_basis
+
+    basis = generate_basis(5, 5, 0.002, 42, 200)
+    network = create_model("resnet18", 5, stem="imagenet", head="ebv", ebv_basis=basis)
+    network.set_train(False)
+    spec = {"name": "resnet18", "stem": "imagenet", "head": "ebv", "ebv_dim": 5, "ebv_tau": 0.07,
+            "input": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    meta = {"backend": "mindspore", "shard": 0, "num_classes": 5, "model": spec}
+    (tmp_path / "run.json").write_text(json.dumps(meta))
+    (tmp_path / "final.json").write_text(json.dumps({"top1": 50.0}))
+    save_ckpt(network, tmp_path / "final.ckpt", meta, standalone=True)
+    save_basis(tmp_path, basis)
+    member = load_member(read_run(tmp_path), torch.device("cpu"))
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    logits = member.predict(images)
+    assert logits.dtype == torch.float32 and logits.shape == (3, 5)
+    assert np.allclose(logits.numpy(), network(ms.Tensor(images)).asnumpy(), atol=1e-5)
+    assert torch.equal(member.predict(images.transpose(0, 3, 1, 2)), logits)
+    save_basis(tmp_path, np.eye(5, dtype=np.float32))
+    from train.members import MemberError
+
+    with pytest.raises(MemberError, match="EBV basis in the weights differs"):
+        load_member(read_run(tmp_path), torch.device("cpu"))

@@ -1,0 +1,137 @@
+"""Input pipeline: tar parsing, the shard/worker/rank partition, per-rank batch counts, corrupt samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.config import DataConfig
+from train.data import EvalStream, TrainStream, augment, make_loader, pieces_for_slot, read_card, shard_uris
+from train.shards import iter_samples
+from train.storage import DataError
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as archive:
+        return [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> None:
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_fast_ustar_reader_matches_tarfile_and_pax_falls_back(prepared_sample, tmp_path):
+    shard = prepared_sample / "sub-03" / "train-000001.tar"
+    ours = [(key, parts) for key, parts in iter_samples(shard.read_bytes())]
+    members = _members(shard)
+    assert len(ours) == len(members) // 3 == 128
+    assert ours[5][1]["jpg"] == members[5 * 3 + 1][1] and ours[5][1]["cls"] == members[5 * 3][1]
+    long_key = "x" * 120  # longer than a ustar name field: needs a pax header
+    pax = tmp_path / "pax.tar"
+    _write_tar(pax, [(f"{long_key}.cls", b"3"), (f"{long_key}.jpg", members[1][1])], tarfile.PAX_FORMAT)
+    assert [(k, sorted(p)) for k, p in iter_samples(pax.read_bytes())] == [(long_key, ["cls", "jpg"])]
+
+
+@pytest.mark.parametrize("shards, slots", [(4, 1), (4, 2), (4, 3), (4, 4), (4, 9), (1, 4), (3, 8)])
+def test_pieces_partition_every_sample_exactly_once(shards, slots):
+    samples_per_shard = 10
+    seen = Counter()
+    for slot in range(slots):
+        for piece in pieces_for_slot(shards, slot, slots):
+            seen.update((piece.shard, i) for i in range(samples_per_shard) if i % piece.parts == piece.part)
+    assert seen == Counter({(s, i): 1 for s in range(shards) for i in range(samples_per_shard)})
+
+
+def _stream(data: Path, world: int, rank: int, batch: int, seed: int = 0, **config) -> TrainStream:
+    card = read_card(str(data))
+    uris = shard_uris(str(data), card, 0, "train")
+    return TrainStream(uris, card, DataConfig(**config), batch_size=batch,
+                       batches_per_epoch=card["splits"]["train"]["samples"] // (batch * world),
+                       rank=rank, world=world, seed=seed)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
+def test_every_rank_runs_the_same_number_of_full_batches(prepared_sample, world, workers):
+    counts = []
+    for rank in range(world):
+        batches = list(make_loader(_stream(prepared_sample, world, rank, batch=16), workers, False))
+        assert all(b["images"].shape == (16, 56, 56, 3) and b["images"].dtype == torch.uint8 for b in batches)
+        counts.append(len(batches))
+    assert counts == [500 // (16 * world)] * world
+
+
+def test_epochs_are_reproducible_and_differ_from_each_other(prepared_sample):
+    def epoch_labels(epoch: int, workers: int) -> list[list[int]]:
+        stream = _stream(prepared_sample, 1, 0, batch=25)
+        stream.set_epoch(epoch)
+        return [b["labels"].tolist() for b in make_loader(stream, workers, False)]
+
+    first = epoch_labels(0, workers=2)
+    assert first == epoch_labels(0, workers=2)
+    assert first != epoch_labels(1, workers=2)
+    assert sorted(sum(first, [])) != sum(first, [])  # shuffled, not in stream order
+
+
+def test_eval_stream_covers_val_once_across_ranks(prepared_sample):
+    card = read_card(str(prepared_sample))
+    uris = shard_uris(str(prepared_sample), card, 7, "val")
+    labels = []
+    for rank in range(3):
+        for batch in make_loader(EvalStream(uris, card, batch_size=32, rank=rank, world=3), 0, False):
+            labels += batch["labels"].tolist()
+    assert Counter(labels) == Counter({c: 10 for c in range(10)})
+
+
+def test_corrupt_samples_are_skipped_and_counted(prepared_sample, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_sample, data, ignore=shutil.ignore_patterns("sub-0[1-9]", "sub-[1-3]*"))
+    val = data / "sub-00" / "val-000000.tar"
+    members = _members(val)
+    members[1] = (members[1][0], b"\xff\xd8 not a jpeg")  # sample 0: undecodable image
+    members[7] = (members[7][0], members[7][1][: len(members[7][1]) // 2])  # sample 2: truncated JPEG
+    del members[3]  # sample 1: no .cls
+    _write_tar(val, members)
+    card = read_card(str(data))
+    stream = EvalStream(shard_uris(str(data), card, 0, "val"), card, batch_size=40, rank=0, world=1)
+    batches = list(make_loader(stream, 0, False))
+    assert sum(int(b["skipped"]) for b in batches) == 3
+    assert sum(len(b["labels"]) for b in batches) == 97
+
+
+def test_augment_flips_and_crops_without_changing_shape_or_dtype():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 56, 56, 3), dtype=np.uint8)
+    flipped = augment(images, DataConfig(crop="none", hflip=True), np.random.default_rng(1))
+    same = (flipped == images).all(axis=(1, 2, 3))
+    mirrored = (flipped == images[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all() and same.any() and mirrored.any()
+    shifted = augment(images[:8], DataConfig(crop="pad", crop_padding=4, hflip=False), np.random.default_rng(3))
+    padded = np.pad(images[:8], ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i in range(8):  # each output is one 56x56 window of the zero-padded input
+        assert any(np.array_equal(shifted[i], padded[i, y:y + 56, x:x + 56]) for y in range(9) for x in range(9))
+    for crop in ("pad", "resized"):
+        out = augment(images, DataConfig(crop=crop, hflip=False), np.random.default_rng(2))
+        assert out.shape == images.shape and out.dtype == np.uint8 and not np.array_equal(out, images)
+
+
+def test_incomplete_dataset_and_bad_shard_are_refused(prepared_sample, tmp_path):
+    with pytest.raises(DataError, match="not a complete prepared dataset"):
+        read_card(str(tmp_path))
+    card = read_card(str(prepared_sample))
+    with pytest.raises(DataError, match="shard 36 is out of range"):
+        shard_uris(str(prepared_sample), card, 36, "train")
+    (tmp_path / "dataset.json").write_text(json.dumps(card))
+    with pytest.raises(DataError, match="sub-dataset 0 is missing"):
+        shard_uris(str(tmp_path), card, 0, "train")

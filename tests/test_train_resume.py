@@ -1,0 +1,53 @@
+"""A run killed (SIGKILL) after its first checkpoint and resumed ends with the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import REPO, run_cli
+
+# Deterministic CPU run that exercises every resumable state: shuffling, augmentation, mixup and
+# cutmix, EMA, warmup + cosine schedule, AdamW moments, a DataLoader worker.
+ARGS = ("--shard", "4", "--config", "sample", "--no-progress", "schedule.epochs=2", "data.batch_size=100",
+        "train.deterministic=true", "data.workers=1", "train.ema_decay=0.9", "train.mixup_alpha=0.2",
+        "train.cutmix_alpha=1.0", "train.mix_prob=0.8", "train.val_every=2")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final.pt", weights_only=True)["model"]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(prepared_sample, tmp_path):
+    data = ("--data", str(prepared_sample))
+    run_cli("train", *data, "--out", str(tmp_path / "whole"), *ARGS)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "train", *data, "--out", str(killed), *ARGS],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "sub-04" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "sub-04" / "final.json").exists()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 0  # epoch 1 of 2 done
+
+    run_cli("train", *data, "--out", str(killed), "--resume", *ARGS)
+    whole, resumed = _final_weights(tmp_path / "whole" / "sub-04"), _final_weights(killed / "sub-04")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    metrics = [json.loads(line) for line in (killed / "sub-04" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in metrics] == [1, 2]
+    # Resuming a finished member is a no-op that reports it.
+    assert "top1" in run_cli("train", *data, "--out", str(killed), "--resume", *ARGS).stdout

@@ -1,0 +1,118 @@
+"""Run-folder files: atomic writes, checkpoints (weights_only loads), the EBV basis file, member loading.
+
+A run folder ``RUNS/sub-KK/`` holds config.yaml, run.json, metrics.jsonl, tb/, last.pt, best.pt,
+ebv_basis.safetensors (EBV heads only), final.pt and final.json (written last: the member is done).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from train.models import ebv_basis_of, model_from_run
+
+BASIS_FILE = "ebv_basis.safetensors"
+# run.json fields that must agree between a checkpoint and the run resuming from it.
+IDENTITY_FIELDS = ("shard", "class_table_sha256", "num_classes", "split", "format", "transform", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this run; the message is one line for the user."""
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Load ``path`` (weights_only) and refuse it unless it was made for the same member, data and model."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling or I/O failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    theirs = checkpoint.get("meta", {})
+    for field in IDENTITY_FIELDS:
+        if theirs.get(field) != meta.get(field):
+            raise CheckpointError(f"checkpoint {path} is for a different run: {field} is "
+                                  f"{theirs.get(field)!r} there, {meta.get(field)!r} here")
+    return checkpoint
+
+
+def save_basis(run_dir: Path, model: nn.Module) -> None:
+    basis = ebv_basis_of(model)
+    if basis is not None:
+        tensors = {"basis": basis.detach().cpu().contiguous()}
+        _atomic(run_dir / BASIS_FILE, lambda tmp: save_file(tensors, tmp))
+
+
+def verify_basis(run_dir: Path, model: nn.Module) -> None:
+    """The model's EBV buffer must equal the run folder's basis file bit for bit."""
+    basis = ebv_basis_of(model)
+    if basis is None:
+        return
+    path = run_dir / BASIS_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: cannot verify the EBV basis")
+    if not torch.equal(load_file(path)["basis"], basis.detach().cpu()):
+        raise CheckpointError(f"the EBV basis in the weights differs from {path}")
+
+
+def load_member(run_dir: str | Path, weights: str = "final") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained member from its run folder: (model in eval mode on CPU, run.json content).
+
+    ``weights`` is ``final`` (final.pt: EMA weights when EMA was on), ``best`` or ``last``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / f"{weights}.pt"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (is the member finished?)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    meta = checkpoint["meta"]
+    model = model_from_run(meta)
+    model.load_state_dict(checkpoint["model"])
+    verify_basis(run_dir, model)
+    return model.eval(), meta

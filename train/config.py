@@ -1,0 +1,218 @@
+"""Recipe schema, YAML loading and ``key=value`` overrides.
+
+A recipe is a YAML file with the sections below; every key has a default here, a recipe sets
+only what differs, and ``section.key=value`` overrides from the command line win. Unknown
+sections or keys are refused, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # a key of train.models.MODEL_BUILDERS
+    stem: str = "lowres"  # imagenet: 7x7/2 conv + max-pool; lowres: 3x3/1 conv, no max-pool
+    head: str = "linear"  # linear | ebv
+    ebv_dim: int | None = None  # EBV dimension d; None: d = number of classes
+    ebv_tau: float = 0.07
+    ebv_seed: int = 42
+    ebv_threshold: float = 0.002
+    ebv_steps: int = 100_000  # cap on basis-optimisation steps (the official generator's cap)
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 256  # global: split evenly across DDP ranks
+    workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
+    shuffle_buffer: int = 2000  # samples held for shuffling (0: stream order)
+    shuffle_shards: bool = True
+    crop: str = "pad"  # none | pad (random crop after zero padding) | resized (random resized crop)
+    crop_padding: int = 4
+    resized_scale: float = 0.35  # smallest area fraction of the random resized crop
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # of x/255, like the source
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False  # exclude norm weights and biases from weight decay
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step | constant
+    epochs: int = 100
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+    min_lr: float = 1e-4  # cosine floor
+    step_epochs: int = 30  # step: multiply lr by gamma every step_epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed when mixup or cutmix is on
+    ema_decay: float = 0.0  # 0: off; e.g. 0.9998
+    grad_clip: float = 0.0  # max global grad norm; 0: off
+    accumulate_steps: int = 1  # micro-batches per optimizer step (each rank's batch split k ways)
+    amp: bool = True  # autocast on CUDA (ignored on CPU)
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    val_every: int = 1  # validate every n epochs (and always after the last)
+    checkpoint_every: int = 1
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.stem": ("imagenet", "lowres"),
+    "model.head": ("linear", "ebv"),
+    "data.crop": ("none", "pad", "resized"),
+    "optimizer.name": ("sgd", "adamw"),
+    "schedule.name": ("cosine", "step", "constant"),
+    "train.amp_dtype": ("bfloat16", "float16"),
+}
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")}
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("train") / "recipes"))
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> its one-line description, for the recipes shipped with the package."""
+    out = {}
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        out[path.stem] = str(yaml.safe_load(path.read_text()).get("description", ""))
+    return out
+
+
+def _coerce(path: str, value: Any, annotation: str) -> Any:
+    """Check ``value`` against the type of the field's default; ints are accepted for floats."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path} may not be null")
+    if "list" in annotation:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"{path} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if "int" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    value = str(value)
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
+    return value
+
+
+def _apply(recipe: Recipe, path: str, value: Any) -> None:
+    section_name, _, key = path.partition(".")
+    if section_name in ("name", "description") and not key:
+        setattr(recipe, section_name, str(value))
+        return
+    if section_name not in _SECTIONS:
+        raise ConfigError(f"unknown recipe section {section_name!r} in {path!r}; "
+                          f"sections: {', '.join(_SECTIONS)}")
+    section = getattr(recipe, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"unknown recipe key {path!r}; {section_name} has: {', '.join(fields)}")
+    setattr(section, key, _coerce(path, value, str(fields[key].type)))
+
+
+def recipe_from_dict(raw: dict[str, Any], name: str) -> Recipe:
+    recipe = Recipe(name=name)
+    for top, body in raw.items():
+        if top in ("name", "description"):
+            _apply(recipe, top, body)
+        elif isinstance(body, dict):
+            for key, value in body.items():
+                _apply(recipe, f"{top}.{key}", value)
+        else:
+            raise ConfigError(f"recipe entry {top!r} must be a section (a mapping), got {body!r}")
+    return recipe
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = recipe_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            shipped = ", ".join(list_recipes())
+            raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: {shipped}")
+    elif not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
+    return recipe_from_dict(raw, raw.get("name", path.stem))
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply ``section.key=value`` strings; values parse as YAML (``0.1``, ``true``, ``[1,2]``)."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or "." not in path:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=0.05)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not a YAML scalar") from exc
+        _apply(recipe, path.strip(), value)
+    return recipe
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

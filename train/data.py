@@ -1,0 +1,285 @@
+"""Streaming batches of one sub-dataset: dataset card checks, shard partition, shuffle, augment, batch.
+
+Work is split into *slots*, one per (DDP rank, DataLoader worker). Each shard is cut into
+``parts`` interleaved pieces (sample i goes to piece i % parts) with parts = ceil(slots / shards),
+and the pieces are dealt to the slots round-robin, so the slots always partition the data, however
+few shards there are. In training every rank runs exactly ``train_samples // global_batch``
+batches per epoch: a slot cycles over its pieces until its quota of batches is full (a slot with
+less data wraps around, one with more leaves the rest to later epochs), so ranks never wait on each
+other and never drop a partial batch silently. All randomness derives from (seed, epoch, slot):
+an epoch's batches are the same whether the run was resumed or not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.config import DataConfig
+from train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
+from train.storage import DataError, exists, join, read_bytes, read_json
+
+_CARD_FIELDS = ("split", "num_classes", "format", "transform", "class_table_sha256", "splits", "sub_datasets")
+
+
+def read_card(data_uri: str) -> dict:
+    """The dataset card; refuses an incomplete or unreadable dataset with one clear line."""
+    card_uri = join(data_uri, "dataset.json")
+    if not exists(card_uri):
+        raise DataError(f"{data_uri} is not a complete prepared dataset: {card_uri} is missing "
+                        "(run 'cli.py prepare' to the end first)")
+    try:
+        card = read_json(card_uri)
+    except ValueError as exc:
+        raise DataError(f"{card_uri} is not valid JSON: {exc}") from exc
+    missing = [name for name in _CARD_FIELDS if name not in card]
+    if missing:
+        raise DataError(f"{card_uri} lacks the field(s) {', '.join(missing)}")
+    return card
+
+
+def shard_uris(data_uri: str, card: dict, member: int, split: str) -> list[str]:
+    count = int(card["split"])
+    if not 0 <= member < count:
+        raise DataError(f"shard {member} is out of range: this dataset has {count} sub-datasets "
+                        f"(0..{count - 1})")
+    if split not in card["splits"] or card["splits"][split]["shards"] == 0:
+        raise DataError(f"the dataset has no {split!r} samples (prepare it with --val-per-class N for a val split)")
+    folder = card["sub_datasets"][member]
+    uris = [join(data_uri, folder, f"{split}-{j:06d}.tar") for j in range(card["splits"][split]["shards"])]
+    if not exists(uris[0]):
+        raise DataError(f"sub-dataset {member} is missing: {uris[0]} does not exist")
+    return uris
+
+
+def sample_shape(card: dict) -> tuple[tuple[int, int, int], np.dtype]:
+    size = int(card.get("size", 56))
+    dtype = np.dtype(np.int16) if card["transform"] == "dct" else np.dtype(np.uint8)
+    return (size, size, 3), dtype
+
+
+@dataclass(frozen=True)
+class Piece:
+    shard: int
+    part: int
+    parts: int
+
+
+def pieces_for_slot(num_shards: int, slot: int, num_slots: int) -> list[Piece]:
+    parts = max(1, math.ceil(num_slots / num_shards))
+    pieces = [Piece(shard, part, parts) for part in range(parts) for shard in range(num_shards)]
+    return pieces[slot::num_slots]
+
+
+def _slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _Decoder:
+    """Reads pieces, decodes into a reusable batch buffer, counts unreadable samples."""
+
+    def __init__(self, uris: list[str], shape: tuple[int, int, int], dtype: np.dtype) -> None:
+        self.uris = uris
+        self.shape = shape
+        self.dtype = dtype
+        self.skipped = 0
+
+    def samples(self, piece: Piece) -> Iterator[Sample]:
+        try:
+            buffer = read_bytes(self.uris[piece.shard])
+        except OSError as exc:
+            raise DataError(f"cannot read {self.uris[piece.shard]}: {exc}") from exc
+        try:
+            for index, (key, parts) in enumerate(iter_samples(buffer)):
+                if index % piece.parts != piece.part:
+                    continue
+                sample = to_sample(key, parts)
+                if sample is None:
+                    self.skipped += 1
+                else:
+                    yield sample
+        except CorruptShard:
+            # The readable head of a damaged shard is kept; the rest cannot be counted, one is recorded.
+            self.skipped += 1
+
+    def batches(self, samples: Iterator[Sample], batch_size: int, max_batches: int | None,
+                drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        made = 0
+        while max_batches is None or made < max_batches:
+            images = np.empty((batch_size, *self.shape), self.dtype)
+            labels = np.empty(batch_size, np.int64)
+            filled = 0
+            for sample in samples:
+                if decode_into(images[filled], sample):
+                    labels[filled] = sample.label
+                    filled += 1
+                    if filled == batch_size:
+                        break
+                else:
+                    self.skipped += 1
+            if filled < batch_size and (drop_last or filled == 0):
+                return
+            yield images[:filled], labels[:filled]
+            made += 1
+
+
+def _shuffled(samples: Iterator[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def augment(images: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random crop (zero padding or resized) and horizontal flip of an N x H x W x C batch."""
+    count, height, width, _ = images.shape
+    flips = rng.random(count) < 0.5 if config.hflip else np.zeros(count, bool)
+    if config.crop == "pad" and config.crop_padding > 0:
+        # A random crop of the zero-padded image is the image shifted by (dy, dx) in [-pad, pad] with
+        # zeros filled in: one slice copy per sample, no padded copy of the batch.
+        pad = config.crop_padding
+        shifts = rng.integers(-pad, pad + 1, size=(count, 2)).tolist()
+        out = np.zeros_like(images)
+        for i, (dy, dx) in enumerate(shifts):
+            source = images[i, :, ::-1] if flips[i] else images[i]
+            out[i, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+                source[max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
+        return out
+    out = _resized_crops(images, config.resized_scale, rng) if config.crop == "resized" else images.copy()
+    out[flips] = out[flips, :, ::-1]
+    return out
+
+
+def _resized_crops(images: np.ndarray, min_scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Inception-style random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]), bilinear."""
+    count, height, width, _ = images.shape
+    area = rng.uniform(min_scale, 1.0, count) * height * width
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), count))
+    crop_w = np.clip(np.sqrt(area * aspect), 1, width)
+    crop_h = np.clip(np.sqrt(area / aspect), 1, height)
+    top = rng.uniform(0, height - crop_h)
+    left = rng.uniform(0, width - crop_w)
+    # Sample every output pixel's source position, then interpolate bilinearly (vectorised).
+    grid = (np.arange(height) + 0.5) / height
+    ys = top[:, None] + grid[None, :] * crop_h[:, None] - 0.5
+    xs = left[:, None] + (np.arange(width) + 0.5)[None, :] / width * crop_w[:, None] - 0.5
+    y0 = np.clip(np.floor(ys).astype(int), 0, height - 1)
+    x0 = np.clip(np.floor(xs).astype(int), 0, width - 1)
+    y1 = np.minimum(y0 + 1, height - 1)
+    x1 = np.minimum(x0 + 1, width - 1)
+    wy = np.clip(ys - y0, 0, 1)[:, :, None, None]
+    wx = np.clip(xs - x0, 0, 1)[:, None, :, None]
+    batch = np.arange(count)[:, None, None]
+    src = images.astype(np.float32)
+
+    def row(y: np.ndarray) -> np.ndarray:
+        left_px = src[batch, y[:, :, None], x0[:, None, :]]
+        return left_px * (1 - wx) + src[batch, y[:, :, None], x1[:, None, :]] * wx
+
+    return np.rint(row(y0) * (1 - wy) + row(y1) * wy).astype(images.dtype)
+
+
+def _as_torch(images: np.ndarray, labels: np.ndarray, skipped: int) -> dict[str, torch.Tensor]:
+    return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+            "skipped": torch.tensor(skipped)}
+
+
+class TrainStream(IterableDataset):
+    """An epoch of training batches for one DDP rank (``set_epoch`` before each epoch)."""
+
+    def __init__(self, uris: list[str], card: dict, config: DataConfig, *, batch_size: int,
+                 batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
+        self.uris = uris
+        self.shape, self.dtype = sample_shape(card)
+        self.config = config
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.rank = rank
+        self.world = world
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _pieces_forever(self, pieces: list[Piece], rng: random.Random) -> Iterator[Piece]:
+        while True:
+            order = list(pieces)
+            if self.config.shuffle_shards:
+                rng.shuffle(order)
+            yield from order
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _slot()
+        slot, slots = self.rank * workers + worker, self.world * workers
+        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        if quota == 0:
+            return
+        seed = (self.seed, self.epoch, slot)
+        rng = random.Random(hash(seed))
+        augment_rng = np.random.default_rng(list(seed))
+        decoder = _Decoder(self.uris, self.shape, self.dtype)
+        pieces = pieces_for_slot(len(self.uris), slot, slots)
+
+        def stream() -> Iterator[Sample]:
+            yielded_in_cycle = 0
+            for cycle_position, piece in enumerate(self._pieces_forever(pieces, rng)):
+                if cycle_position % len(pieces) == 0:
+                    if cycle_position and yielded_in_cycle == 0:
+                        names = [self.uris[p.shard] for p in pieces]
+                        raise DataError(f"no readable sample in shards {names}")
+                    yielded_in_cycle = 0
+                for sample in decoder.samples(piece):
+                    yielded_in_cycle += 1
+                    yield sample
+
+        reported = 0
+        for images, labels in decoder.batches(_shuffled(stream(), self.config.shuffle_buffer, rng),
+                                              self.batch_size, quota, drop_last=True):
+            yield _as_torch(augment(images, self.config, augment_rng), labels, decoder.skipped - reported)
+            reported = decoder.skipped
+
+
+class EvalStream(IterableDataset):
+    """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""
+
+    def __init__(self, uris: list[str], card: dict, *, batch_size: int, rank: int, world: int) -> None:
+        self.uris = uris
+        self.shape, self.dtype = sample_shape(card)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _slot()
+        decoder = _Decoder(self.uris, self.shape, self.dtype)
+        pieces = pieces_for_slot(len(self.uris), self.rank * workers + worker, self.world * workers)
+        samples = (sample for piece in pieces for sample in decoder.samples(piece))
+        reported = 0
+        for images, labels in decoder.batches(samples, self.batch_size, None, drop_last=False):
+            yield _as_torch(images, labels, decoder.skipped - reported)
+            reported = decoder.skipped
+
+
+def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -1,0 +1,181 @@
+"""One training epoch and one evaluation pass; losses, mixing, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import Recipe, ScheduleConfig, TrainConfig
+from train.distributed import all_reduce_sum
+
+
+@dataclass
+class StepContext:
+    """What every step needs besides the batch."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: no autocast
+    num_classes: int
+    config: TrainConfig
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: ScheduleConfig, base_lr: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (per-step warmup, then the schedule)."""
+    epoch = step / steps_per_epoch
+    warmup = config.warmup_epochs
+    if warmup > 0 and epoch < warmup:
+        return config.warmup_start_factor + (1 - config.warmup_start_factor) * epoch / warmup
+    if config.name == "constant":
+        return 1.0
+    if config.name == "step":
+        return config.gamma ** (int(epoch) // config.step_epochs)
+    progress = min(1.0, (epoch - warmup) / max(config.epochs - warmup, 1e-9))
+    floor = config.min_lr / base_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    config = recipe.optimizer
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if config.no_decay_norm_bias and param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe.schedule, recipe.optimizer.lr))
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: TrainConfig,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (chosen at random when both are on) on the raw NHWC batch; soft targets.
+
+    Mixing happens before normalisation, which is affine, so it equals mixing normalised inputs.
+    """
+    targets = F.one_hot(labels, num_classes).float()
+    use_mixup = config.mixup_alpha > 0
+    use_cutmix = config.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or rng.random() >= config.mix_prob:
+        return images, targets
+    if use_mixup and use_cutmix:
+        use_cutmix = bool(rng.random() < 0.5)
+    alpha = config.cutmix_alpha if use_cutmix else config.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    mixed = images.float()
+    rolled = mixed.roll(1, dims=0)
+    if use_cutmix:
+        height, width = images.shape[1:3]
+        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        cy = int(rng.integers(height))
+        cx = int(rng.integers(width))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed[:, y0:y1, x0:x1] = rolled[:, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    else:
+        mixed = lam * mixed + (1 - lam) * rolled
+    return mixed, lam * targets + (1 - lam) * targets.roll(1, dims=0)
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                      scaler: torch.amp.GradScaler, ctx: StepContext) -> torch.Tensor:
+    """Gradients of the batch's mean loss, over ``accumulate_steps`` micro-batches; the mean loss.
+
+    Micro-batch j takes samples j, j+k, j+2k, ... (k = accumulate_steps): exactly how k DDP ranks
+    split one sub-dataset shard, so one process with k steps trains like k processes (BatchNorm
+    statistics included). Gradients are synchronised across ranks on the last micro-batch only.
+    """
+    steps = ctx.config.accumulate_steps
+    total = torch.zeros((), device=images.device)
+    for j in range(steps):
+        last = j == steps - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with ctx.autocast():
+                logits = model(images[j::steps])
+            loss = F.cross_entropy(logits.float(), targets[j::steps], label_smoothing=ctx.config.label_smoothing)
+            scaler.scale(loss / steps).backward()
+        total += loss.detach() * (targets[j::steps].shape[0] / targets.shape[0])
+    return total
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    scaler: torch.amp.GradScaler, ctx: StepContext, rng: np.random.Generator,
+                    after_step: Callable[[], None],
+                    on_step: Callable[[torch.Tensor, float, int], None]) -> dict:
+    """One epoch; ``after_step`` updates EMA weights, ``on_step(loss, lr, images)`` feeds the progress bar."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    images_seen = 0
+    skipped = 0
+    steps = 0
+    start = time.perf_counter()
+    for batch in batches:
+        images = batch["images"].to(ctx.device, non_blocking=True)
+        labels = batch["labels"].to(ctx.device, non_blocking=True)
+        skipped += int(batch["skipped"])
+        images, targets = mix_batch(images, labels, ctx.num_classes, ctx.config, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss = _forward_backward(model, images, targets, scaler, ctx)
+        if ctx.config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), ctx.config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        after_step()
+        # Sum on the device: reading loss.item() each step would be a CPU-GPU sync point.
+        loss_sum += loss * labels.shape[0]
+        images_seen += labels.shape[0]
+        steps += 1
+        on_step(loss, optimizer.param_groups[0]["lr"], labels.shape[0])
+    seconds = time.perf_counter() - start
+    loss_total, seen, skipped_total = all_reduce_sum([float(loss_sum), images_seen, skipped], ctx.device)
+    return {"train_loss": loss_total / max(seen, 1), "train_images": int(seen), "steps": steps,
+            "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "skipped": int(skipped_total)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ctx: StepContext) -> dict:
+    """Top-1/top-5 and mean loss over every batch of every rank."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, samples
+    skipped = 0
+    k = min(5, ctx.num_classes)
+    for batch in batches:
+        images = batch["images"].to(ctx.device, non_blocking=True)
+        labels = batch["labels"].to(ctx.device, non_blocking=True)
+        skipped += int(batch["skipped"])
+        with ctx.autocast():
+            logits = model(images).float()
+        top = logits.topk(k, dim=1).indices
+        hits = top == labels[:, None]
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                               hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               torch.tensor(labels.shape[0], device=ctx.device)]).double()
+    loss, top1, top5, samples, skipped = all_reduce_sum([*totals.tolist(), skipped], ctx.device)
+    samples = max(samples, 1)
+    return {"val_loss": loss / samples, "top1": 100 * top1 / samples, "top5": 100 * top5 / samples,
+            "val_samples": int(samples), "val_skipped": int(skipped)}

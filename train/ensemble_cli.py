@@ -1,0 +1,328 @@
+"""Evaluate the ensemble of trained members on the aligned val sub-datasets.
+
+    python cli.py ensemble-eval --data data/sample --runs runs
+    python cli.py ensemble-eval --data DATA --runs RUNS --members 0,1,3 --method geo --p 0.3
+    python cli.py ensemble-eval --data DATA --runs RUNS --baseline RUNS_SPLIT1/sub-00 --ten-crop
+
+Member k (RUNS/sub-KK, finished when final.json exists) sees sub-image k of every val image; the
+N val sub-datasets are read in lockstep and the members' outputs fused per image by mean of logits,
+mean of probabilities, geo (rank i by own val accuracy gets p·(1−p)^i) and majority vote.
+Writes report.json, report.md, accuracy_vs_members.png and predictions.parquet to --out
+(default RUNS/ensemble) and prints the table. Missing members are listed and the rest evaluated
+(--require-all refuses instead); members trained on other data are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help stays instant
+    import numpy as np
+    import torch
+
+    from train.distributed import DistInfo
+    from train.ensemble import Hits, Tally
+    from train.lockstep import Lockstep, Stream
+    from train.members import Member, MemberRun
+    from train.report import PredictionWriter
+
+METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
+TEN_CROP_FRACTION = 0.875
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="prepared dataset (folder or URI) the members were trained on")
+    parser.add_argument("--runs", required=True, type=Path, help="runs folder holding sub-KK/ member runs")
+    parser.add_argument("--members", default=None,
+                        help="comma-separated shard indices to ensemble, e.g. 0,1,3 (default: all N)")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default="all",
+                        help="fusion rule to report (default: all of them)")
+    parser.add_argument("--p", type=float, default=0.3, help="geo: rank i gets p*(1-p)^i (default: 0.3)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="run folder of a member trained on the --split 1 dataset of the same classes")
+    parser.add_argument("--ten-crop", action="store_true",
+                        help=f"10-crop testing for the baseline: crops of {100 * TEN_CROP_FRACTION:g}%% of "
+                             "each side, corners + centre and their flips, resized back")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS/ensemble)")
+    parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+
+
+@dataclass
+class Baseline:
+    """The split-1 model: its member, its val stream and how it is tested."""
+
+    member: Member
+    stream: Stream
+    ten_crop: bool
+    info: dict[str, Any]
+
+
+def parse_members(text: str | None, split: int) -> list[int]:
+    from train.members import MemberError
+
+    if text is None:
+        return list(range(split))
+    try:
+        shards = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise MemberError(f"--members must be comma-separated integers, got {text!r}") from error
+    bad = [k for k in shards if not 0 <= k < split]
+    if bad or not shards or len(set(shards)) != len(shards):
+        raise MemberError(f"--members {text!r}: need distinct shard indices in 0..{split - 1}")
+    return shards
+
+
+def resolve_device(name: str | None) -> torch.device:
+    import torch
+
+    from train.members import MemberError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise MemberError(f"--device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemberError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torch.device) -> Baseline:
+    """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
+    from train.data import read_card, sample_shape, shard_uris
+    from train.lockstep import Stream
+    from train.members import MemberError, check_compatible, load_member, read_run
+
+    run = read_run(path)
+    data = str(run.run.get("data", ""))
+    if not data:
+        raise MemberError(f"{path}/run.json does not name its dataset ('data')")
+    baseline_card = read_card(data)
+    if int(baseline_card["split"]) != 1:
+        split = baseline_card["split"]
+        raise MemberError(f"--baseline {path} was trained on {data} with split {split}, not 1")
+    if baseline_card["class_table_sha256"] != card["class_table_sha256"]:
+        raise MemberError(f"--baseline {path}: {data} has another class table than the ensemble's data")
+    check_compatible(run, baseline_card, data)
+    shape, dtype = sample_shape(baseline_card)
+    stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), shape, dtype)
+    info = {"path": str(path), "data": data, "ten_crop": ten_crop,
+            "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1}
+    return Baseline(load_member(run, device), stream, ten_crop, info)
+
+
+def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    import torch
+
+    from train.ensemble import ten_crop
+
+    if not baseline.ten_crop:
+        return baseline.member.predict(images)
+    views = ten_crop(torch.from_numpy(images).to(device), TEN_CROP_FRACTION)
+    return torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0)
+
+
+def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
+             baseline: Baseline | None, device: torch.device, progress: Any) -> Hits | None:
+    """Run every batch through the members (rank order), tally it and stream its predictions.
+
+    ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
+    Hits (or None). ``progress`` is a tqdm bar.
+    """
+    import torch
+
+    from train.ensemble import Hits, tally_batch, top_k_classes
+
+    baseline_hits = Hits() if baseline is not None else None
+    for batch in lockstep:
+        labels = torch.from_numpy(batch.labels).to(device)
+        logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
+        ranked = tally_batch(tally, logits, labels)
+        if baseline is not None:
+            ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
+            baseline_hits.add(ranked["baseline"], labels)
+        on_host = {name: value.cpu().numpy() for name, value in ranked.items()}
+        writer.write(batch.keys, batch.labels, batch.shards, on_host, on_host["members"][:, :, 0])
+        progress.update(len(batch.keys))
+    return baseline_hits
+
+
+def select_runs(
+    args: argparse.Namespace, card: dict[str, Any], announce: bool = True
+) -> tuple[list[MemberRun], list[int]]:
+    """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
+    from train.ensemble import rank_members
+    from train.members import MemberError, check_compatible, discover_runs
+
+    if not args.runs.is_dir():
+        raise MemberError(f"--runs {args.runs}: no such folder")
+    folders = card["sub_datasets"]
+    runs, missing = discover_runs(args.runs, folders, parse_members(args.members, int(card["split"])))
+    if missing:
+        listed = ", ".join(folders[k] for k in missing)
+        if args.require_all:
+            raise MemberError(f"--require-all: no finished run (final.json) in {args.runs} for {listed}")
+        if announce:
+            print(f"ensemble-eval: missing members, not evaluated: {listed}", file=sys.stderr)
+    if not runs:
+        raise MemberError(f"no finished member run (sub-KK/final.json) in {args.runs}")
+    for run in runs:
+        check_compatible(run, card, args.data)
+    return [runs[i] for i in rank_members([r.val_top1 for r in runs], [r.shard for r in runs])], missing
+
+
+def reduce_over_workers(
+    tally: Tally, lockstep: Lockstep, baseline_hits: Hits | None, device: torch.device
+) -> None:
+    """Sum every counter over the torchrun workers (exact: integers in float64), in place."""
+    from train.distributed import all_reduce_sum
+
+    extra = [lockstep.skipped] + ([baseline_hits.top1, baseline_hits.topk] if baseline_hits else [])
+    counts = tally.counts()
+    summed = [round(v) for v in all_reduce_sum([float(c) for c in counts + extra], device)]
+    tally.set_counts(summed[: len(counts)])
+    lockstep.skipped = summed[len(counts)]
+    if baseline_hits is not None:
+        baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
+
+
+def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.device, workers: DistInfo) -> int:
+    """One worker's part of the evaluation; the main worker merges and writes the report.
+
+    With torchrun, worker r evaluates val shards r, r+W, r+2W, … of every stream and writes its
+    own predictions part; counters are summed with an all-reduce and the parts merged in shard order,
+    so the result equals a single-process run.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from train.data import sample_shape, shard_uris
+    from train.distributed import barrier
+    from train.ensemble import METHODS, Tally
+    from train.lockstep import Lockstep, Stream
+    from train.members import load_member
+    from train.report import (
+        PredictionWriter,
+        build_report,
+        merge_prediction_parts,
+        render_markdown,
+        write_reports,
+    )
+    from train.storage import DataError
+
+    started = time.perf_counter()
+    folders = card["sub_datasets"]
+    runs, missing = select_runs(args, card, announce=workers.is_main)
+    members = [load_member(run, device) for run in runs]
+    baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
+    shape, dtype = sample_shape(card)
+    streams = [
+        Stream(folders[r.shard], shard_uris(args.data, card, r.shard, "val"), shape, dtype) for r in runs
+    ] + ([baseline.stream] if baseline else [])
+    mine = [Stream(s.name, s.shards[workers.rank :: workers.world], s.shape, s.dtype) for s in streams]
+    lockstep = Lockstep(mine, args.batch_size)
+
+    methods = METHODS if args.method == "all" else (args.method,)
+    tally = Tally(num_members=len(members), methods=methods, p=args.p, k=min(5, int(card["num_classes"])))
+    out = args.out or args.runs / "ensemble"
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / (f"predictions.part{workers.rank:03d}.parquet" if workers.enabled else "predictions.part")
+    writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
+                              shard_of=lambda local: workers.rank + workers.world * local)
+    total = int(card["splits"]["val"]["samples"])
+    progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
+    try:
+        with progress, torch.inference_mode():
+            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress)
+    except BaseException:
+        writer.close()
+        part.unlink(missing_ok=True)  # no half-written predictions left behind
+        raise
+    writer.close()
+    if workers.enabled:
+        reduce_over_workers(tally, lockstep, baseline_hits, device)
+        barrier()
+        if not workers.is_main:
+            return 0
+    if tally.samples == 0:
+        raise DataError(f"{args.data}: no readable val sample ({lockstep.skipped} skipped)")
+    if workers.enabled:
+        merge_prediction_parts([out / f"predictions.part{r:03d}.parquet" for r in range(workers.world)],
+                               out / "predictions.parquet")
+    else:
+        part.replace(out / "predictions.parquet")
+
+    seconds = time.perf_counter() - started
+    context = {
+        "data": args.data,
+        "runs": str(args.runs),
+        **{f: card[f] for f in ("split", "num_classes", "transform", "format", "class_table_sha256")},
+        "p": args.p,
+        "missing": [folders[k] for k in missing],
+        "skipped": lockstep.skipped,
+        "device": str(device),
+        "workers": workers.world,
+        "seconds": round(seconds, 3),
+    }
+    member_info = [
+        {"shard": r.shard, "folder": folders[r.shard], "path": str(r.path), "backend": r.backend,
+         "val_top1_own": r.val_top1}
+        for r in runs
+    ]
+    baseline_result = None if baseline is None else (baseline.info, baseline_hits)
+    report = build_report(tally, member_info, baseline_result, context)
+    write_reports(report, out)
+    print(render_markdown(report))
+    print(f"ensemble-eval: {tally.samples} images, {len(members)} members in {seconds:.1f}s on {device} "
+          f"({workers.world} worker(s)); wrote {out}/report.json, report.md, accuracy_vs_members.png, "
+          "predictions.parquet")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    """Checks that need no member, then the device and (under torchrun) the process group."""
+    import torch
+
+    from train.data import read_card
+    from train.distributed import init_distributed, shutdown
+    from train.members import MemberError
+    from train.storage import DataError
+
+    card = read_card(args.data)
+    if not card["splits"].get("val", {}).get("samples"):
+        raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
+    if args.batch_size < 1:
+        raise MemberError("--batch-size must be at least 1")
+    if not 0.0 < args.p < 1.0:
+        raise MemberError(f"--p must lie strictly between 0 and 1, got {args.p}")
+    if args.ten_crop and args.baseline is None:
+        raise MemberError("--ten-crop tests the --baseline model: give --baseline RUN_DIR too")
+    device = resolve_device(args.device)
+    workers = init_distributed(device.type)
+    if workers.enabled and device.type == "cuda":
+        device = torch.device("cuda", workers.local_rank)
+    try:
+        return _evaluate(args, card, device, workers)
+    finally:
+        shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.lockstep import MisalignedError
+    from train.members import MemberError
+    from train.storage import DataError
+
+    try:
+        return _start(args)
+    except (DataError, MemberError, MisalignedError) as error:
+        print(f"ensemble-eval: error: {error}", file=sys.stderr)
+        return 2

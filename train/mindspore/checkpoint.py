@@ -1,0 +1,96 @@
+"""MindSpore run-folder files: atomic .ckpt checkpoints that carry run.json's identity, the EBV basis file.
+
+Same layout as the torch backend (``train.checkpoint``): last.ckpt / best.ckpt hold the whole train
+step (weights, BatchNorm statistics, momentum buffers, the optimizer's global_step, the loss scale)
+plus ``epoch``, ``best_top1`` and the run's meta as JSON; final.ckpt holds the member's network.
+.ckpt is MindSpore's protobuf format (no pickle). ``ebv_basis.safetensors`` is the torch backend's
+file, written with safetensors' numpy API: the same name, key and layout for both backends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+from safetensors.numpy import load_file, save_file
+
+from train.checkpoint import BASIS_FILE, IDENTITY_FIELDS, CheckpointError
+
+_META_KEY = "subspectral_meta"
+
+
+def save_ckpt(cell: nn.Cell, path: Path, meta: dict[str, Any], *, standalone: bool = False,
+              **extra: int | float) -> None:
+    """Write ``cell``'s parameters to ``path`` atomically (temporary name in the folder, then rename).
+
+    ``standalone``: name parameters by their path inside ``cell`` ("net.conv1.weight"), not by their
+    global names, which carry the prefixes of the cells that wrapped it in training
+    ("network.net.conv1.weight"), so a freshly built network loads the file.
+    """
+    saved = [{"name": name, "data": param} for name, param in cell.parameters_and_names()] if standalone else cell
+    # save_checkpoint appends ".ckpt" to names that lack it: give the temporary name that suffix.
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.ckpt")
+    ms.save_checkpoint(saved, str(tmp), append_dict={_META_KEY: json.dumps(meta, sort_keys=True), **extra})
+    tmp.chmod(0o644)  # MindSpore writes checkpoints read-only (0400); the torch backend's files are 0644
+    os.replace(tmp, path)
+
+
+def read_ckpt(path: Path, meta: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parameters by name, the saved run meta); refuses a checkpoint made for another member or model."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (is the member finished?)")
+    try:
+        params = ms.load_checkpoint(str(path))
+        theirs = json.loads(str(params.pop(_META_KEY)))
+    except Exception as exc:  # any parse failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {(str(exc).splitlines() or [''])[0]}") from exc
+    if meta is not None:
+        for field in IDENTITY_FIELDS:
+            if theirs.get(field) != meta.get(field):
+                raise CheckpointError(f"checkpoint {path} is for a different run: {field} is "
+                                      f"{theirs.get(field)!r} there, {meta.get(field)!r} here")
+    return params, theirs
+
+
+def scalar(params: dict[str, Any], name: str) -> float:
+    value = params.pop(name)
+    return float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
+
+
+def load_into(cell: nn.Cell, params: dict[str, Any], path: Path) -> None:
+    """Load every parameter of ``cell`` from ``params``; a missing or mis-shaped one is a CheckpointError."""
+    try:
+        missing, _ = ms.load_param_into_net(cell, params, strict_load=True)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit the model: {(str(exc).splitlines() or [''])[0]}") from exc
+    if missing:
+        raise CheckpointError(f"{path} does not fit the model: {len(missing)} parameters missing, "
+                              f"e.g. {missing[0]}")
+
+
+def save_basis(run_dir: Path, basis: np.ndarray | None) -> None:
+    if basis is None:
+        return
+    tmp = run_dir / f".{BASIS_FILE}.tmp{os.getpid()}"
+    save_file({"basis": np.ascontiguousarray(basis, np.float32)}, str(tmp))
+    os.replace(tmp, run_dir / BASIS_FILE)
+
+
+def load_basis(run_dir: Path) -> np.ndarray:
+    return load_file(str(run_dir / BASIS_FILE))["basis"]
+
+
+def verify_basis(run_dir: Path, basis: np.ndarray | None) -> None:
+    """The network's EBV basis must equal the run folder's basis file bit for bit."""
+    if basis is None:
+        return
+    path = run_dir / BASIS_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: cannot verify the EBV basis")
+    if not np.array_equal(load_basis(run_dir), basis):
+        raise CheckpointError(f"the EBV basis in the weights differs from {path}")

@@ -1,0 +1,123 @@
+"""``mindspore.dataset.GeneratorDataset`` over one sub-dataset's WebDataset shards (MindSpore has no tar reader).
+
+The partition, shuffling and augmentation are the torch backend's own (``train.data``): training
+batches come from ``TrainStream``'s slots (one per rank and worker), evaluation batches from
+``EvalStream``. Parallel workers: GeneratorDataset hands index i of a random-accessible source to
+worker ``i % W`` in order (``SamplerFn``), and torch's DataLoader takes batch i from worker ``i % W``
+too, so with W = ``data.workers`` the source below maps index i to the next batch of slot ``i % W``:
+an epoch's batches are the torch backend's batches, in the same order, whichever backend trains.
+A worker asked for a batch out of order (never, with the sequential sampler used here) rebuilds its
+slot's stream and skips ahead, so the result never depends on scheduling. Sharding across devices
+happens in the slots (rank r of R reads slots r*W .. r*W+W-1 of R*W), as in the torch backend;
+GeneratorDataset's ``num_shards`` would need per-sample random access, which a tar stream has not.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+
+from train.config import DataConfig
+from train.data import EvalStream, TrainStream, _Decoder, _shuffled, augment, pieces_for_slot
+from train.storage import DataError
+
+TRAIN_COLUMNS = ["images", "labels", "skipped"]
+EVAL_COLUMNS = ["images", "labels", "count", "skipped"]
+
+
+class SlotStream(TrainStream):
+    """``TrainStream`` with its worker slot given explicitly, yielding numpy arrays instead of torch tensors."""
+
+    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        # Mirrors TrainStream.__iter__ line for line (tests/test_mindspore_data.py compares the batches).
+        slot, slots = self.rank * workers + worker, self.world * workers
+        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        if quota == 0:
+            return
+        seed = (self.seed, self.epoch, slot)
+        rng = random.Random(hash(seed))
+        augment_rng = np.random.default_rng(list(seed))
+        decoder = _Decoder(self.uris, self.shape, self.dtype)
+        pieces = pieces_for_slot(len(self.uris), slot, slots)
+
+        def stream():
+            yielded_in_cycle = 0
+            for cycle_position, piece in enumerate(self._pieces_forever(pieces, rng)):
+                if cycle_position % len(pieces) == 0:
+                    if cycle_position and yielded_in_cycle == 0:
+                        names = [self.uris[p.shard] for p in pieces]
+                        raise DataError(f"no readable sample in shards {names}")
+                    yielded_in_cycle = 0
+                for sample in decoder.samples(piece):
+                    yielded_in_cycle += 1
+                    yield sample
+
+        reported = 0
+        for images, labels in decoder.batches(_shuffled(stream(), self.config.shuffle_buffer, rng),
+                                              self.batch_size, quota, drop_last=True):
+            yield augment(images, self.config, augment_rng), labels, decoder.skipped - reported
+            reported = decoder.skipped
+
+
+class TrainBatches:
+    """Random-accessible source for GeneratorDataset: index i -> batch i of this rank's epoch."""
+
+    def __init__(self, stream: SlotStream, workers: int) -> None:
+        self.stream = stream
+        self.workers = max(1, workers)
+        self._slots: dict[int, tuple[Iterator, int]] = {}  # worker -> (its batches, next position)
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        worker, position = index % self.workers, index // self.workers
+        batches, next_position = self._slots.get(worker, (None, -1))
+        if batches is None or next_position != position:
+            batches = self.stream.slot_batches(worker, self.workers)
+            for _ in range(position):
+                next(batches)
+        images, labels, skipped = next(batches)
+        self._slots[worker] = (batches, position + 1)
+        return images, labels.astype(np.int32), np.int32(skipped)
+
+
+def train_dataset(stream: SlotStream, workers: int):
+    """One epoch's batches (``stream.set_epoch`` first); W = max(1, workers) worker processes."""
+    import mindspore.dataset as ds
+
+    source = TrainBatches(stream, workers)
+    return ds.GeneratorDataset(source, column_names=TRAIN_COLUMNS, shuffle=False,
+                               num_parallel_workers=source.workers, python_multiprocessing=source.workers > 1)
+
+
+class PaddedEval:
+    """``EvalStream`` batches padded to a fixed size (one compiled graph), with the real count."""
+
+    def __init__(self, stream: EvalStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        size = self.stream.batch_size
+        for batch in self.stream:
+            images, labels = batch["images"].numpy(), batch["labels"].numpy().astype(np.int32)
+            count = len(labels)
+            if count < size:
+                images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]), images.dtype)])
+                labels = np.concatenate([labels, np.zeros(size - count, np.int32)])
+            yield images, labels, np.int32(count), np.int32(int(batch["skipped"]))
+
+
+def eval_dataset(stream: EvalStream):
+    """Every val sample of this rank once; decoding runs in the pipeline's thread, beside the network."""
+    import mindspore.dataset as ds
+
+    return ds.GeneratorDataset(PaddedEval(stream), column_names=EVAL_COLUMNS, shuffle=False)
+
+
+def slot_stream(uris: list[str], card: dict, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
+                rank: int, world: int, seed: int) -> SlotStream:
+    return SlotStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                      rank=rank, world=world, seed=seed)

@@ -1,0 +1,282 @@
+"""Train one member with MindSpore: the torch trainer's run folder, recipe semantics and metrics.
+
+``RUNS/sub-KK/`` gets config.yaml, run.json (``"backend": "mindspore"``), metrics.jsonl (the torch
+backend's keys), tb/, last.ckpt, best.ckpt, ebv_basis.safetensors (EBV heads), final.ckpt and
+final.json (written last). Everything random in an epoch derives from (seed, epoch, rank/slot), so
+``--resume`` replays the remaining epochs exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+import torch
+from mindspore import Tensor
+
+from train import checkpoint as torch_ckpt
+from train.config import ConfigError, Recipe, dump_yaml
+from train.data import EvalStream, read_card, shard_uris
+from train.engine import lr_factor, mix_batch
+from train.mindspore import checkpoint as ckpt
+from train.mindspore.data import eval_dataset, slot_stream, train_dataset
+from train.mindspore.ebv import generate_basis
+from train.mindspore.models import create_model, ebv_basis_of
+from train.mindspore.runtime import Runtime
+from train.mindspore.step import EvalStep, SoftTargetLoss, TrainStep, apply_precision, build_optimizer, precision_for
+from train.progress import EpochProgress
+from train.storage import DataError
+from train.trainer import _truncate_metrics, run_meta
+
+_EVAL_BATCH = 512
+_UNSUPPORTED = {"ema_decay": "train.ema_decay > 0 (EMA weights)"}
+
+
+@dataclass(frozen=True)
+class MindSporeJob:
+    data: str
+    shard: int
+    out: Path
+    resume: bool
+    progress: bool
+
+
+def _prepare_run_dir(job: MindSporeJob, run_dir: Path) -> str:
+    """'fresh', 'resume' or 'done'; refuses to overwrite a run unless resuming (as the torch trainer)."""
+    if (run_dir / "final.json").exists():
+        if job.resume:
+            return "done"
+        raise ConfigError(f"{run_dir} already holds a finished member; use another --out or delete it")
+    if (run_dir / "last.ckpt").exists() or (run_dir / "last.pt").exists():
+        if not job.resume:
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or change --out")
+        if not (run_dir / "last.ckpt").exists():
+            raise ConfigError(f"{run_dir} holds a torch run (last.pt); resume it with --backend torch")
+        return "resume"
+    return "fresh"
+
+
+def _check_supported(recipe: Recipe) -> None:
+    if recipe.train.ema_decay > 0:
+        raise ConfigError(f"{_UNSUPPORTED['ema_decay']} is not supported by the mindspore backend; "
+                          "set train.ema_decay=0")
+
+
+def mindspore_meta(job: MindSporeJob, card: dict, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+    meta = run_meta(job, card, recipe)  # the torch backend's run.json fields, so evaluators read both alike
+    meta["backend"] = "mindspore"
+    meta["mindspore"] = {"version": ms.__version__, "device_target": runtime.device_target, "mode": runtime.mode,
+                         "amp_level": precision_for(recipe.train, runtime.device_target).amp_level}
+    return meta
+
+
+class SumAcrossRanks(ms.nn.Cell):
+    """AllReduce(sum) as a compiled cell: MindSpore 2.10 has no eager (pyboost) AllReduce kernel on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_reduce = ms.ops.AllReduce()
+
+    @ms.jit
+    def construct(self, values: Tensor) -> Tensor:
+        return self.all_reduce(values)
+
+
+class MindSporeTrainer:
+    def __init__(self, job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> None:
+        _check_supported(recipe)
+        self._summer: SumAcrossRanks | None = None
+        self.job, self.recipe, self.runtime = job, recipe, runtime
+        self.card = card = read_card(job.data)
+        self.train_uris = shard_uris(job.data, card, job.shard, "train")
+        self.val_uris = shard_uris(job.data, card, job.shard, "val")
+        self.run_dir = job.out / card["sub_datasets"][job.shard]
+        self.state = _prepare_run_dir(job, self.run_dir)
+        self.meta = mindspore_meta(job, card, recipe, runtime)
+        batch = recipe.data.batch_size
+        if batch % runtime.world:
+            raise ConfigError(f"data.batch_size={batch} does not divide over {runtime.world} processes")
+        self.batches_per_epoch = int(card["splits"]["train"]["samples"]) // batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
+                              "training samples of a sub-dataset")
+        self.resume_from = None
+        if self.state == "resume":
+            self.resume_from = ckpt.read_ckpt(self.run_dir / "last.ckpt", self.meta)[0]
+
+    def _basis(self) -> np.ndarray | None:
+        spec = self.meta["model"]
+        if spec["head"] != "ebv":
+            return None
+        if self.state == "resume" and (self.run_dir / torch_ckpt.BASIS_FILE).exists():
+            return ckpt.load_basis(self.run_dir)
+        return generate_basis(self.meta["num_classes"], spec["ebv_dim"], spec["ebv_threshold"], spec["ebv_seed"],
+                              self.recipe.model.ebv_steps)
+
+    def _build(self) -> None:
+        recipe, spec, world = self.recipe, self.meta["model"], self.runtime.world
+        try:
+            self.model = create_model(spec["name"], self.meta["num_classes"], stem=spec["stem"], head=spec["head"],
+                                      ebv_basis=self._basis(), ebv_tau=spec["ebv_tau"],
+                                      input_scale=spec["input"]["scale"], mean=spec["input"]["mean"],
+                                      std=spec["input"]["std"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        precision = precision_for(recipe.train, self.runtime.device_target)
+        network = apply_precision(self.model, precision)
+        self.optimizer = build_optimizer(self.model, recipe, self.batches_per_epoch)
+        loss = SoftTargetLoss(network, self.meta["num_classes"], recipe.train.label_smoothing)
+        self.train_step = TrainStep(loss, self.optimizer, precision.loss_scaling, recipe.train.grad_clip)
+        self.eval_step = EvalStep(network, min(5, int(self.meta["num_classes"])))
+        self.train_stream = slot_stream(self.train_uris, self.card, recipe.data,
+                                        batch_size=recipe.data.batch_size // world,
+                                        batches_per_epoch=self.batches_per_epoch, rank=self.runtime.rank, world=world,
+                                        seed=recipe.train.seed)
+        self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=self.runtime.rank,
+                                     world=world)
+
+    def _restore(self, params: dict[str, Any]) -> tuple[int, float]:
+        epoch, best = ckpt.scalar(params, "epoch"), ckpt.scalar(params, "best_top1")
+        ckpt.load_into(self.train_step, params, self.run_dir / "last.ckpt")
+        return int(epoch) + 1, best
+
+    def _save(self, name: str, epoch: int, best_top1: float) -> None:
+        ckpt.save_ckpt(self.train_step, self.run_dir / name, self.meta, epoch=epoch, best_top1=best_top1)
+
+    def _write_run_files(self, start_epoch: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch_ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
+        torch_ckpt.write_json(self.run_dir / "run.json", self.meta)
+        if self.state == "resume":
+            ckpt.verify_basis(self.run_dir, ebv_basis_of(self.model))
+            _truncate_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+        else:
+            ckpt.save_basis(self.run_dir, ebv_basis_of(self.model))
+
+    def _train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
+        config = self.recipe.train
+        self.train_stream.set_epoch(epoch)
+        mix_rng = np.random.default_rng([config.seed, epoch, self.runtime.rank])
+        classes = int(self.meta["num_classes"])
+        mixing = config.mixup_alpha > 0 or config.cutmix_alpha > 0
+        self.train_step.set_train(True)
+        loss_sum, seen, skipped, steps = 0.0, 0, 0, 0
+        start = time.perf_counter()
+        dataset = train_dataset(self.train_stream, self.recipe.data.workers)
+        for images, labels, batch_skipped in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+            # The torch backend's mixing, on the host: the same draws from the same generator.
+            mixed, targets = mix_batch(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                                       classes, config, mix_rng)
+            batch = mixed.numpy().astype(np.float32) if mixing else images
+            loss = self.train_step(Tensor(batch), Tensor(targets.numpy()))
+            loss_value = float(loss.asnumpy())  # a host sync per step: free on the CPU
+            loss_sum += loss_value * len(labels)
+            seen += len(labels)
+            skipped += int(batch_skipped)
+            steps += 1
+            step = epoch * self.batches_per_epoch + steps
+            bar.step(torch.tensor(loss_value), self._lr(step), len(labels))
+        seconds = time.perf_counter() - start
+        loss_total, seen_total, skipped_total = self._all_reduce([loss_sum, seen, skipped])
+        return {"train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "steps": steps,
+                "seconds": seconds, "images_per_s": seen_total / max(seconds, 1e-9), "skipped": int(skipped_total)}
+
+    def _lr(self, step: int) -> float:
+        base = self.recipe.optimizer.lr
+        return base * lr_factor(step, self.batches_per_epoch, self.recipe.schedule, base)
+
+    def _validate(self) -> dict[str, Any]:
+        self.eval_step.set_train(False)
+        totals = np.zeros(5)  # loss, top1, top5, samples, skipped
+        for images, labels, count, skipped in eval_dataset(self.val_stream).create_tuple_iterator(
+                output_numpy=True, num_epochs=1):
+            loss, top1, top5 = self.eval_step(Tensor(images), Tensor(labels), Tensor(count))
+            totals += [float(loss.asnumpy()), float(top1.asnumpy()), float(top5.asnumpy()), int(count), int(skipped)]
+        loss, top1, top5, samples, skipped = self._all_reduce(totals.tolist())
+        samples = max(samples, 1)
+        return {"val_loss": loss / samples, "top1": 100 * top1 / samples, "top5": 100 * top5 / samples,
+                "val_samples": int(samples), "val_skipped": int(skipped)}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if not self.runtime.distributed:
+            return values
+        if self._summer is None:
+            self._summer = SumAcrossRanks()
+        return [float(v) for v in self._summer(Tensor(np.asarray(values, np.float32))).asnumpy()]
+
+    def run(self) -> dict[str, Any]:
+        if self.state == "done":
+            return json.loads((self.run_dir / "final.json").read_text())
+        self._build()
+        start_epoch, best_top1 = 0, -1.0
+        if self.resume_from is not None:
+            start_epoch, best_top1 = self._restore(self.resume_from)
+            self.resume_from = None
+        main = self.runtime.is_main
+        if main:
+            self._write_run_files(start_epoch)
+        epochs, config = self.recipe.schedule.epochs, self.recipe.train
+        writer = _summary_writer(self.run_dir) if main else None
+        last_eval: dict[str, Any] = {}
+        started = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            bar = EpochProgress(self.batches_per_epoch, f"sub-{self.job.shard:02d} {epoch + 1}/{epochs}",
+                                enabled=main and self.job.progress, world=self.runtime.world)
+            stats = self._train_epoch(epoch, bar)
+            bar.close()
+            line: dict[str, Any] = {"epoch": epoch + 1, "lr": self._lr((epoch + 1) * self.batches_per_epoch),
+                                    **stats}
+            if (epoch + 1) % config.val_every == 0 or epoch + 1 == epochs:
+                last_eval = self._validate()
+                line.update(last_eval)
+            if main:
+                self._log_epoch(line, writer)
+                improved = "top1" in line and line["top1"] > best_top1
+                best_top1 = max(best_top1, line.get("top1", best_top1))
+                if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == epochs or improved:
+                    self._save("last.ckpt", epoch, best_top1)
+                    if improved:
+                        self._save("best.ckpt", epoch, best_top1)
+        if not last_eval:  # resumed after the last epoch had finished but before final.json
+            last_eval = self._validate()
+        final = {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
+                 "val_samples": last_eval["val_samples"], "epochs": epochs, "best_top1": best_top1,
+                 "train_seconds": time.perf_counter() - started, "ema": False}
+        if main:
+            ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
+            torch_ckpt.write_json(self.run_dir / "final.json", final)
+            writer.close()
+        return final
+
+    def _log_epoch(self, line: dict[str, Any], writer) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        for key, value in line.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, line["epoch"])
+        writer.flush()
+        summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
+        if "top1" in line:
+            summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
+        print(f"[sub-{self.job.shard:02d} mindspore] {summary}", file=sys.stderr)
+
+
+def _summary_writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def train_member(job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+    """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
+    try:
+        trainer = MindSporeTrainer(job, recipe, runtime)
+    except (DataError, torch_ckpt.CheckpointError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return trainer.run()

@@ -1,0 +1,131 @@
+"""WebDataset shard bytes -> samples -> decoded arrays. Pure functions on bytes, no file access.
+
+Shards written by ``cli.py prepare`` are plain ustar; those headers are parsed directly (about
+2 us per member, against ~15 us through ``tarfile``). Any other header type (pax, GNU long
+names) sends the whole shard through ``tarfile`` instead, so every valid tar still reads.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import simplejpeg
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "npy")
+_BLOCK = 512
+
+
+class Sample(NamedTuple):
+    key: str
+    label: int
+    ext: str
+    data: bytes
+
+
+class CorruptShard(ValueError):
+    pass
+
+
+def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
+    """Members of a plain ustar archive, or None when a header needs ``tarfile``."""
+    members = []
+    view = memoryview(buffer)
+    offset = 0
+    end = len(buffer)
+    while offset + _BLOCK <= end:
+        header = buffer[offset:offset + _BLOCK]
+        if header[0] == 0:
+            break
+        typeflag = header[156:157]
+        if typeflag not in (b"0", b"\0", b"5") or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+            return None
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError as exc:
+            raise CorruptShard(f"bad tar header at byte {offset}") from exc
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix.decode("utf-8", "replace") + "/" + name
+        start = offset + _BLOCK
+        if start + size > end:
+            raise CorruptShard(f"tar member {name!r} is truncated")
+        if typeflag != b"5":
+            members.append((name, bytes(view[start:start + size])))
+        offset = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+    return iter(members)
+
+
+def _tarfile_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(buffer), mode="r:") as archive:
+            for info in archive:
+                if info.isfile():
+                    yield info.name, archive.extractfile(info).read()
+    except tarfile.TarError as exc:
+        raise CorruptShard(str(exc)) from exc
+
+
+def tar_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
+    members = _ustar_members(buffer)
+    return members if members is not None else _tarfile_members(buffer)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # WebDataset convention: the key ends at the first dot of the member's base name.
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_samples(buffer: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group adjacent members with the same key into ``(key, {ext: bytes})``."""
+    key = None
+    parts: dict[str, bytes] = {}
+    for name, data in tar_members(buffer):
+        member_key, ext = _split_name(name)
+        if member_key != key:
+            if key is not None:
+                yield key, parts
+            key, parts = member_key, {}
+        parts[ext] = data
+    if key is not None:
+        yield key, parts
+
+
+def to_sample(key: str, parts: dict[str, bytes]) -> Sample | None:
+    """The label and image of one grouped sample, or None when either is missing or unreadable."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+    label_bytes = parts.get("cls")
+    if ext is None or label_bytes is None:
+        return None
+    try:
+        label = int(label_bytes)
+    except ValueError:
+        return None
+    return Sample(key, label, ext, parts[ext])
+
+
+def decode_into(out: np.ndarray, sample: Sample) -> bool:
+    """Decode the image into ``out`` (H x W x 3, the batch's dtype); False when corrupt or mis-shaped."""
+    try:
+        if sample.ext in ("jpg", "jpeg"):
+            # Decodes into ``out``; a larger image raises, a smaller one comes back with its own shape.
+            return simplejpeg.decode_jpeg(sample.data, "RGB", buffer=out).shape == out.shape
+        if sample.ext == "npy":
+            array = np.load(io.BytesIO(sample.data), allow_pickle=False)
+        else:
+            from PIL import Image  # png/webp only
+
+            with Image.open(io.BytesIO(sample.data)) as image:
+                array = np.asarray(image.convert("RGB"))
+    except (ValueError, OSError, EOFError):
+        return False
+    if array.shape != out.shape or not np.can_cast(array.dtype, out.dtype, casting="safe"):
+        return False
+    out[...] = array
+    return True

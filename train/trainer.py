@@ -1,0 +1,326 @@
+"""Train one member (sub-network k on sub-dataset k): set-up, epoch loop, checkpoints, final files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from train import checkpoint as ckpt
+from train.config import ConfigError, Recipe, dump_yaml
+from train.data import EvalStream, TrainStream, make_loader, read_card, sample_shape, shard_uris
+from train.distributed import DistInfo, barrier
+from train.ebv import generate_ebv
+from train.engine import StepContext, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from train.models import SubNetwork, create_model
+from train.progress import EpochProgress
+from train.storage import DataError
+
+_EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class MemberJob:
+    data: str
+    shard: int
+    out: Path
+    resume: bool
+    device: torch.device
+    progress: bool
+
+
+@functools.lru_cache(maxsize=2)
+def _basis(num_classes: int, dim: int, threshold: float, seed: int, steps: int, device: str) -> torch.Tensor:
+    # Members trained one after another in one process share the (deterministic) basis.
+    return generate_ebv(num_classes, dim, threshold=threshold, seed=seed, max_steps=steps, device=device)[0]
+
+
+def input_constants(card: dict, shard: int, recipe: Recipe) -> dict[str, Any]:
+    """Scale, mean and std that map stored sample values to network input (see docs/training.md)."""
+    mean = list(recipe.data.mean)
+    if card["transform"] == "dct":
+        # Band values are round(coef * dct_scale) with |coef| <= 255 * grid (band 0: r x block mean),
+        # so this scale maps band 0 into [0, 1]; the other bands are centred on 0 and get no mean.
+        grid = int(card.get("grid", round(int(card["split"]) ** 0.5)))
+        scale = 1.0 / (255.0 * grid * float(card["dct_scale"]))
+        if shard != 0:
+            mean = [0.0] * len(mean)
+    else:
+        scale = 1.0 / 255.0
+    return {"scale": scale, "mean": mean, "std": list(recipe.data.std)}
+
+
+def run_meta(job: MemberJob, card: dict, recipe: Recipe) -> dict[str, Any]:
+    """run.json: everything an evaluator needs to rebuild and feed this member."""
+    model = recipe.model
+    return {
+        "backend": "torch", "shard": job.shard, "data": job.data, "recipe": recipe.name,
+        "class_table_sha256": card["class_table_sha256"], "num_classes": int(card["num_classes"]),
+        "split": int(card["split"]), "size": int(card.get("size", 56)), "transform": card["transform"],
+        "format": card["format"], "dct_scale": card.get("dct_scale"),
+        "model": {"name": model.name, "stem": model.stem, "head": model.head,
+                  "ebv_dim": (model.ebv_dim or int(card["num_classes"])) if model.head == "ebv" else None,
+                  "ebv_tau": model.ebv_tau, "ebv_seed": model.ebv_seed, "ebv_threshold": model.ebv_threshold,
+                  "input": input_constants(card, job.shard, recipe)},
+    }
+
+
+def build_member_model(meta: dict[str, Any], recipe: Recipe, device: torch.device,
+                       basis_file: Path | None) -> SubNetwork:
+    """The member's network; an EBV basis comes from ``basis_file`` when resuming, else is generated."""
+    spec = meta["model"]
+    basis = None
+    if spec["head"] == "ebv" and basis_file is not None:
+        basis = load_file(basis_file)["basis"]
+    elif spec["head"] == "ebv":
+        basis = _basis(meta["num_classes"], spec["ebv_dim"], spec["ebv_threshold"], spec["ebv_seed"],
+                       recipe.model.ebv_steps, str(device))
+    try:
+        return create_model(spec["name"], meta["num_classes"], stem=spec["stem"], head=spec["head"],
+                            ebv_dim=spec["ebv_dim"], ebv_tau=spec["ebv_tau"], ebv_basis=basis,
+                            input_scale=spec["input"]["scale"], mean=spec["input"]["mean"],
+                            std=spec["input"]["std"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_input_size(model: nn.Module, card: dict) -> None:
+    shape, dtype = sample_shape(card)
+    probe = torch.zeros((2, *shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(probe)
+    except RuntimeError as exc:
+        raise ConfigError(f"model {model.net.__class__.__name__} with this stem cannot take "
+                          f"{shape[0]}x{shape[1]} input ({str(exc).splitlines()[0]})") from exc
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _prepare_run_dir(job: MemberJob, run_dir: Path) -> str:
+    """'fresh', 'resume' or 'done'; refuses to overwrite a run unless resuming."""
+    if (run_dir / "final.json").exists():
+        if job.resume:
+            return "done"
+        raise ConfigError(f"{run_dir} already holds a finished member; use another --out or delete it")
+    if (run_dir / "last.pt").exists():
+        if not job.resume:
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or change --out")
+        return "resume"
+    return "fresh"
+
+
+class MemberTrainer:
+    """Everything one member's training holds: model, optimizer, loaders, run folder."""
+
+    def __init__(self, job: MemberJob, recipe: Recipe, dist: DistInfo) -> None:
+        self.job, self.recipe, self.dist = job, recipe, dist
+        card = read_card(job.data)
+        self.card = card
+        self.train_uris = shard_uris(job.data, card, job.shard, "train")
+        self.val_uris = shard_uris(job.data, card, job.shard, "val")
+        self.run_dir = job.out / card["sub_datasets"][job.shard]
+        self.state = _prepare_run_dir(job, self.run_dir)
+        self.meta = run_meta(job, card, recipe)
+        batch = recipe.data.batch_size
+        if batch % dist.world:
+            raise ConfigError(f"data.batch_size={batch} does not divide over {dist.world} processes")
+        if (batch // dist.world) % recipe.train.accumulate_steps:
+            raise ConfigError(f"data.batch_size={batch} over {dist.world} process(es) does not split into "
+                              f"train.accumulate_steps={recipe.train.accumulate_steps} micro-batches")
+        self.batches_per_epoch = int(card["splits"]["train"]["samples"]) // batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
+                              "training samples of a sub-dataset")
+        self.resume_from = None
+        if self.state == "resume":
+            self.resume_from = ckpt.load_checkpoint(self.run_dir / "last.pt", self.meta)
+
+    def _build(self) -> None:
+        recipe, job, train_cfg = self.recipe, self.job, self.recipe.train
+        _seed_everything(train_cfg.seed, train_cfg.deterministic)
+        basis_file = self.run_dir / ckpt.BASIS_FILE
+        model = build_member_model(self.meta, recipe, job.device,
+                                   basis_file if self.state == "resume" and basis_file.exists() else None)
+        _check_input_size(model, self.card)
+        model.to(job.device)
+        on_cuda = job.device.type == "cuda"
+        if on_cuda and train_cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = None
+        if train_cfg.ema_decay > 0:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay),
+                                     use_buffers=True)
+        self.optimizer = build_optimizer(model, recipe)
+        self.scheduler = build_scheduler(self.optimizer, recipe, self.batches_per_epoch)
+        amp_dtype = getattr(torch, train_cfg.amp_dtype) if (train_cfg.amp and on_cuda) else None
+        self.scaler = torch.amp.GradScaler(job.device.type, enabled=amp_dtype == torch.float16)
+        self.ctx = StepContext(job.device, amp_dtype, int(self.card["num_classes"]), train_cfg)
+        trained = model
+        if self.dist.enabled:
+            trained = DistributedDataParallel(model, device_ids=[job.device.index] if on_cuda else None)
+        self.train_model = torch.compile(trained) if train_cfg.compile else trained
+        world, rank = self.dist.world, self.dist.rank
+        self.train_stream = TrainStream(self.train_uris, self.card, recipe.data,
+                                        batch_size=recipe.data.batch_size // world,
+                                        batches_per_epoch=self.batches_per_epoch, rank=rank, world=world,
+                                        seed=train_cfg.seed)
+        self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=rank, world=world)
+
+    def _checkpoint(self, epoch: int, best_top1: float) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "epoch": epoch,
+                "best_top1": best_top1, "rng": ckpt.rng_state(), "meta": self.meta,
+                "config": self.recipe.to_dict()}
+
+    def _restore(self, checkpoint: dict[str, Any]) -> tuple[int, float]:
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"last.pt does not fit the model: {str(exc).splitlines()[0]}") from exc
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and checkpoint["ema"] is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        ckpt.set_rng_state(checkpoint["rng"])
+        return int(checkpoint["epoch"]) + 1, float(checkpoint["best_top1"])
+
+    def _write_run_files(self, start_epoch: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
+        ckpt.write_json(self.run_dir / "run.json", self.meta)
+        if self.state == "resume":
+            ckpt.verify_basis(self.run_dir, self.model)
+            _truncate_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+        else:
+            ckpt.save_basis(self.run_dir, self.model)
+
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _validate(self) -> dict[str, Any]:
+        pin = self.job.device.type == "cuda"
+        loader = make_loader(self.val_stream, self.recipe.data.workers, pin)
+        return evaluate(self._eval_model(), loader, self.ctx)
+
+    def run(self) -> dict[str, Any]:
+        if self.state == "done":
+            return json.loads((self.run_dir / "final.json").read_text())
+        self._build()
+        start_epoch, best_top1 = 0, -1.0
+        if self.resume_from is not None:
+            start_epoch, best_top1 = self._restore(self.resume_from)
+            self.resume_from = None
+        main = self.dist.is_main
+        if main:
+            self._write_run_files(start_epoch)
+        barrier()
+        epochs = self.recipe.schedule.epochs
+        train_cfg = self.recipe.train
+        pin = self.job.device.type == "cuda"
+        writer = _summary_writer(self.run_dir) if main else None
+        last_eval: dict[str, Any] = {}
+        started = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
+            torch.manual_seed(train_cfg.seed * 100_003 + epoch)
+            mix_rng = np.random.default_rng([train_cfg.seed, epoch, self.dist.rank])
+            self.train_stream.set_epoch(epoch)
+            loader = make_loader(self.train_stream, self.recipe.data.workers, pin)
+            bar = EpochProgress(self.batches_per_epoch, f"sub-{self.job.shard:02d} {epoch + 1}/{epochs}",
+                                enabled=main and self.job.progress, world=self.dist.world)
+            after_step = (functools.partial(self.ema.update_parameters, self.model)
+                          if self.ema is not None else _nothing)
+            stats = train_one_epoch(self.train_model, loader, self.optimizer, self.scheduler, self.scaler,
+                                    self.ctx, mix_rng, after_step, bar.step)
+            bar.close()
+            line: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **stats}
+            if (epoch + 1) % train_cfg.val_every == 0 or epoch + 1 == epochs:
+                last_eval = self._validate()
+                line.update(last_eval)
+            if main:
+                self._log_epoch(line, writer)
+                improved = "top1" in line and line["top1"] > best_top1
+                best_top1 = max(best_top1, line.get("top1", best_top1))
+                if (epoch + 1) % train_cfg.checkpoint_every == 0 or epoch + 1 == epochs or improved:
+                    state = self._checkpoint(epoch, best_top1)
+                    ckpt.save_torch(state, self.run_dir / "last.pt")
+                    if improved:
+                        ckpt.save_torch(state, self.run_dir / "best.pt")
+            barrier()
+        if not last_eval:  # resumed after the last epoch had finished but before final.json
+            last_eval = self._validate()
+        final = {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
+                 "val_samples": last_eval["val_samples"], "epochs": epochs, "best_top1": best_top1,
+                 "train_seconds": time.perf_counter() - started, "ema": self.ema is not None}
+        if main:
+            ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta},
+                            self.run_dir / "final.pt")
+            ckpt.write_json(self.run_dir / "final.json", final)
+            writer.close()
+        barrier()
+        return final
+
+    def _log_epoch(self, line: dict[str, Any], writer) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        for key, value in line.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, line["epoch"])
+        writer.flush()
+        summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
+        if "top1" in line:
+            summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
+        print(f"[sub-{self.job.shard:02d}] {summary}", file=sys.stderr)
+
+
+def _truncate_metrics(path: Path, kept_epochs: int) -> None:
+    """Drop lines of epochs after the checkpoint (a run killed between logging and checkpointing)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True)
+                 if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
+        ckpt.write_text(path, "".join(lines))
+
+
+def _nothing() -> None:
+    return None
+
+
+def _summary_writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def train_member(job: MemberJob, recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
+    """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
+    try:
+        trainer = MemberTrainer(job, recipe, dist)
+    except (DataError, ckpt.CheckpointError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return trainer.run()
