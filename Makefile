@@ -8,7 +8,7 @@ setup:
 	scripts/setup.sh
 
 setup-test:
-	scripts/setup.sh test
+	scripts/setup.sh test,mindspore
 
 # The main job on the embedded sample corpus: prepare 36 sub-datasets, train 6 of the 36 members
 # (spread over the 6x6 grid; all 36 take ~30 min on 2 CPU cores), evaluate their ensemble.
