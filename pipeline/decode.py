@@ -59,15 +59,19 @@ def full_size(width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-def decode_image(data: bytes, min_decoded: MinimumSize = full_size, limits: SizeLimits = SizeLimits()) -> DecodedImage:
+def decode_image(data: bytes, min_decoded: MinimumSize = full_size, limits: SizeLimits = SizeLimits(),
+                 scratch: bytearray | None = None) -> DecodedImage:
     """Decode ``data``, possibly reduced in the DCT domain to no less than ``min_decoded(w, h)``.
 
     ``min_decoded`` maps the upright original size to the (width, height) the decoded image must keep.
+    ``scratch``, when given, is reused as the JPEG decoder's output buffer (grown as needed): fresh
+    0.5–1 MB buffers cost a page fault per 4 KB on these machines. The returned image then lives in
+    ``scratch`` and is overwritten by the next call that uses it.
     """
     if not data:
         raise RejectedInput(EMPTY_FILE)
     if data[:2] == b"\xff\xd8":
-        decoded = _decode_jpeg_fast(data, min_decoded, limits)
+        decoded = _decode_jpeg_fast(data, min_decoded, limits, scratch)
         if decoded is not None:
             return decoded
     return _decode_with_pillow(data, min_decoded, limits)
@@ -80,7 +84,8 @@ def _check_size(width: int, height: int, limits: SizeLimits) -> None:
         raise RejectedInput(TOO_SMALL, f"{width}x{height} is under {limits.min_side} px")
 
 
-def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits) -> DecodedImage | None:
+def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits,
+                      scratch: bytearray | None) -> DecodedImage | None:
     """libjpeg-turbo path; None when the file needs Pillow (CMYK, YCCK, or a header it rejects)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -95,11 +100,18 @@ def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits)
     min_w, min_h = min_decoded(upright_w, upright_h)
     if swap:
         min_w, min_h = min_h, min_w
+    # min_factor=2: libjpeg-turbo's M/8 scalings between 1 and 2 decode slower than full size.
+    scale = {"min_width": min_w, "min_height": min_h, "min_factor": 2}
+    buffer = None
+    if scratch is not None:
+        out_h, out_w, _, _ = simplejpeg.decode_jpeg_header(data, **scale)
+        if len(scratch) < out_h * out_w * 4:
+            scratch.extend(bytes(out_h * out_w * 4 - len(scratch)))
+        buffer = scratch
     try:
         pixels = simplejpeg.decode_jpeg(
-            data, colorspace="RGBX", min_width=min_w, min_height=min_h, min_factor=2, fastdct=False,
-            fastupsample=False,
-        )  # min_factor=2: libjpeg-turbo's M/8 scalings between 1 and 2 decode slower than full size
+            data, colorspace="RGBX", fastdct=False, fastupsample=False, buffer=buffer, **scale
+        )
     except ValueError as error:
         if "Premature end" in str(error):
             raise RejectedInput(TRUNCATED, str(error)) from None

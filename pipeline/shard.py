@@ -84,13 +84,14 @@ class SampleEncoder:
         self.spec = spec
         self._encode = encode.encoder(spec.image_format, spec.quality)
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._scratch = bytearray()  # the decoder's output buffer, reused image after image
         self._minimum = functools.partial(resize.decoded_minimum, size=spec.image_size, mode=spec.resize_mode)
 
     def square(self, data: bytes) -> tuple[np.ndarray, int, int]:
         """Decode and resize: the S×S image (RGBX for JPEG, else RGB) and the original width and height."""
         clock = time.perf_counter
         start = clock()
-        decoded = decode_image(data, self._minimum, self.spec.limits)
+        decoded = decode_image(data, self._minimum, self.spec.limits, self._scratch)
         decoded_at = clock()
         square = resize.resize_square(decoded.image, self.spec.image_size, self.spec.resize_mode)
         self.seconds["decode"] += decoded_at - start

@@ -111,3 +111,13 @@ def test_large_jpeg_decodes_reduced_but_reports_its_original_size():
     full = resize_square(decode_image(data).image, 336, "center-crop")[..., :3].astype(np.int16)
     reduced = resize_square(decoded.image, 336, "center-crop")[..., :3].astype(np.int16)
     assert np.abs(full - reduced).mean() < 3.0
+
+
+def test_a_reused_decode_buffer_gives_the_same_pixels():
+    scratch = bytearray()
+    sizes = ((500, 375), (300, 200), (1400, 1000), (500, 375))
+    files = [encode(photo_like(w, h, seed=w), quality=90) for w, h in sizes]
+    for data in files:
+        reused = np.asarray(decode_image(data, scratch=scratch).image).copy()
+        np.testing.assert_array_equal(reused, np.asarray(decode_image(data).image))
+    assert len(scratch) == 1400 * 1000 * 4
