@@ -112,18 +112,6 @@ def parse(command: JobCommand):
                              f"parser (exit {exit_.code}); see the message above") from None
 
 
-def option_strings(command: str) -> set[str]:
-    import cli
-
-    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    return {flag for action in sub.choices[command]._actions for flag in action.option_strings}
-
-
-def awaits_backend_flag(command: JobCommand) -> bool:
-    """The Ascend job runs `train --backend mindspore`, which lands with the MindSpore backend."""
-    return "--backend" in command.argv and "--backend" not in option_strings("train")
-
-
 # ------------------------------------------------------------------ Dockerfiles
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -197,8 +185,6 @@ def test_commands_were_found_in_every_job_file() -> None:
 
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: c.source)
 def test_job_command_is_accepted_by_the_cli(command: JobCommand) -> None:
-    if awaits_backend_flag(command):
-        pytest.skip("`train --backend` (the MindSpore backend) is not in the CLI yet")
     args = parse(command)
     if args.command == "train":
         from train.config import apply_overrides, load_recipe
@@ -229,8 +215,6 @@ def test_member_fan_out_matches_the_number_of_sub_datasets() -> None:
 
 def test_cluster_jobs_keep_data_in_object_storage_and_runs_on_the_shared_volume() -> None:
     for command in k8s_commands():
-        if awaits_backend_flag(command):
-            continue
         args = parse(command)
         data_uris = [*(args.src or [])] if args.command == "prepare" else [args.data]
         if args.command == "prepare":
