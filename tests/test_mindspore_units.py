@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from train.config import DataConfig, Recipe, TrainConfig  # noqa: E402
 from train.data import TrainStream, make_loader, read_card, shard_uris  # noqa: E402
 from train.mindspore.checkpoint import read_ckpt, save_ckpt  # noqa: E402
-from train.mindspore.data import SlotStream, train_dataset  # noqa: E402
+from train.mindspore.data import train_dataset  # noqa: E402
 from train.mindspore.ebv import generate_basis  # noqa: E402
 from train.mindspore.models import ARCHS, count_parameters, create_model, ebv_basis_of  # noqa: E402
 from train.mindspore.step import learning_rates, precision_for  # noqa: E402
@@ -65,7 +65,7 @@ def _stream(cls, data: Path, workers_seed: int = 3):
 
 def test_batches_equal_the_torch_loaders_in_order(prepared_sample):
     """Same partition, shuffle and augmentation as train.data, with 2 parallel workers on both sides."""
-    torch_stream, ms_stream = _stream(TrainStream, prepared_sample), _stream(SlotStream, prepared_sample)
+    torch_stream, ms_stream = _stream(TrainStream, prepared_sample), _stream(TrainStream, prepared_sample)
     torch_stream.set_epoch(1)
     ms_stream.set_epoch(1)
     expected = [(b["images"].numpy(), b["labels"].numpy()) for b in make_loader(torch_stream, 2, False)]

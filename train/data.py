@@ -230,6 +230,14 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _slot()
+        for images, labels, skipped in self.slot_batches(worker, workers):
+            yield _as_torch(images, labels, skipped)
+
+    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """This rank's batches for loader worker ``worker`` of ``workers``, as numpy (images, labels, skipped).
+
+        Framework-free, so the MindSpore backend feeds exactly the same batches to GeneratorDataset.
+        """
         slot, slots = self.rank * workers + worker, self.world * workers
         quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
         if quota == 0:
@@ -255,7 +263,7 @@ class TrainStream(IterableDataset):
         reported = 0
         for images, labels in decoder.batches(_shuffled(stream(), self.config.shuffle_buffer, rng),
                                               self.batch_size, quota, drop_last=True):
-            yield _as_torch(augment(images, self.config, augment_rng), labels, decoder.skipped - reported)
+            yield augment(images, self.config, augment_rng), labels, decoder.skipped - reported
             reported = decoder.skipped
 
 

@@ -14,57 +14,21 @@ GeneratorDataset's ``num_shards`` would need per-sample random access, which a t
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import numpy as np
 
 from train.config import DataConfig
-from train.data import EvalStream, TrainStream, _Decoder, _shuffled, augment, pieces_for_slot
-from train.storage import DataError
+from train.data import EvalStream, TrainStream
 
 TRAIN_COLUMNS = ["images", "labels", "skipped"]
 EVAL_COLUMNS = ["images", "labels", "count", "skipped"]
 
 
-class SlotStream(TrainStream):
-    """``TrainStream`` with its worker slot given explicitly, yielding numpy arrays instead of torch tensors."""
-
-    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        # Mirrors TrainStream.__iter__ line for line (tests/test_mindspore_data.py compares the batches).
-        slot, slots = self.rank * workers + worker, self.world * workers
-        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        if quota == 0:
-            return
-        seed = (self.seed, self.epoch, slot)
-        rng = random.Random(hash(seed))
-        augment_rng = np.random.default_rng(list(seed))
-        decoder = _Decoder(self.uris, self.shape, self.dtype)
-        pieces = pieces_for_slot(len(self.uris), slot, slots)
-
-        def stream():
-            yielded_in_cycle = 0
-            for cycle_position, piece in enumerate(self._pieces_forever(pieces, rng)):
-                if cycle_position % len(pieces) == 0:
-                    if cycle_position and yielded_in_cycle == 0:
-                        names = [self.uris[p.shard] for p in pieces]
-                        raise DataError(f"no readable sample in shards {names}")
-                    yielded_in_cycle = 0
-                for sample in decoder.samples(piece):
-                    yielded_in_cycle += 1
-                    yield sample
-
-        reported = 0
-        for images, labels in decoder.batches(_shuffled(stream(), self.config.shuffle_buffer, rng),
-                                              self.batch_size, quota, drop_last=True):
-            yield augment(images, self.config, augment_rng), labels, decoder.skipped - reported
-            reported = decoder.skipped
-
-
 class TrainBatches:
     """Random-accessible source for GeneratorDataset: index i -> batch i of this rank's epoch."""
 
-    def __init__(self, stream: SlotStream, workers: int) -> None:
+    def __init__(self, stream: TrainStream, workers: int) -> None:
         self.stream = stream
         self.workers = max(1, workers)
         self._slots: dict[int, tuple[Iterator, int]] = {}  # worker -> (its batches, next position)
@@ -84,7 +48,7 @@ class TrainBatches:
         return images, labels.astype(np.int32), np.int32(skipped)
 
 
-def train_dataset(stream: SlotStream, workers: int):
+def train_dataset(stream: TrainStream, workers: int):
     """One epoch's batches (``stream.set_epoch`` first); W = max(1, workers) worker processes."""
     import mindspore.dataset as ds
 
@@ -118,6 +82,6 @@ def eval_dataset(stream: EvalStream):
 
 
 def slot_stream(uris: list[str], card: dict, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
-                rank: int, world: int, seed: int) -> SlotStream:
-    return SlotStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                rank: int, world: int, seed: int) -> TrainStream:
+    return TrainStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
                       rank=rank, world=world, seed=seed)
