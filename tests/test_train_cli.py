@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from train.checkpoint import load_member
+from train.checkpoint import load_member, same_file_as, save_torch
 from train.data import EvalStream, make_loader, read_card, shard_uris
 
 QUICK = ("--no-progress", "schedule.epochs=1", "data.batch_size=100")  # one 5-step epoch
@@ -47,6 +47,20 @@ def test_run_folder_follows_the_layout(sample_run, prepared_sample):
     last = torch.load(sample_run / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "rng", "meta"} <= set(last)
     assert last["meta"] == run
+    best = torch.load(sample_run / "best.pt", weights_only=True)
+    validated = [line for line in lines if "top1" in line]
+    best_line = max(validated, key=lambda line: line["top1"])  # the first of equal maxima, as the trainer keeps
+    assert best["epoch"] + 1 == best_line["epoch"] and best["best_top1"] == best_line["top1"]
+
+
+def test_best_is_a_link_that_keeps_its_content_when_last_moves_on(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_torch({"epoch": 1}, last)
+    same_file_as(last, best)
+    assert last.stat().st_ino == best.stat().st_ino  # no second copy on disk
+    save_torch({"epoch": 2}, last)
+    assert torch.load(best, weights_only=True) == {"epoch": 1}
+    assert torch.load(last, weights_only=True) == {"epoch": 2}
 
 
 def test_final_weights_reproduce_final_json(sample_run, prepared_sample):

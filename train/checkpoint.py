@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def same_file_as(source: Path, path: Path) -> None:
+    """Make ``path`` hold what ``source`` holds (atomically): a hard link, so best == last costs no disk.
+
+    ``source`` is always replaced by rename, never rewritten in place, so the link keeps the old
+    content when ``source`` moves on. Filesystems without hard links get a copy.
+    """
+    def link(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    _atomic(path, link)
 
 
 def save_torch(obj: Any, path: Path) -> None:

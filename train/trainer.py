@@ -271,7 +271,7 @@ class MemberTrainer:
                     state = self._checkpoint(epoch, best_top1)
                     ckpt.save_torch(state, self.run_dir / "last.pt")
                     if improved:
-                        ckpt.save_torch(state, self.run_dir / "best.pt")
+                        ckpt.same_file_as(self.run_dir / "last.pt", self.run_dir / "best.pt")
             barrier()
         if not last_eval:  # resumed after the last epoch had finished but before final.json
             last_eval = self._validate()

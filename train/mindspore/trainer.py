@@ -242,7 +242,7 @@ class MindSporeTrainer:
                 if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == epochs or improved:
                     self._save("last.ckpt", epoch, best_top1)
                     if improved:
-                        self._save("best.ckpt", epoch, best_top1)
+                        torch_ckpt.same_file_as(self.run_dir / "last.ckpt", self.run_dir / "best.ckpt")
         if not last_eval:  # resumed after the last epoch had finished but before final.json
             last_eval = self._validate()
         final = {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
