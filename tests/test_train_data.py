@@ -12,10 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 from train.config import DataConfig
-from train.data import EvalStream, TrainStream, augment, make_loader, pieces_for_slot, read_card, shard_uris
-from train.shards import iter_samples
+from train.data import (
+    EvalStream,
+    Piece,
+    StreamStats,
+    TrainStream,
+    augment,
+    make_loader,
+    piece_samples,
+    piece_source,
+    pieces_for_slot,
+    read_card,
+    shard_uris,
+)
+from train.shards import CorruptShard, iter_samples
 from train.storage import DataError
 
 
@@ -42,6 +55,18 @@ def test_fast_ustar_reader_matches_tarfile_and_pax_falls_back(prepared_sample, t
     pax = tmp_path / "pax.tar"
     _write_tar(pax, [(f"{long_key}.cls", b"3"), (f"{long_key}.jpg", members[1][1])], tarfile.PAX_FORMAT)
     assert [(k, sorted(p)) for k, p in iter_samples(pax.read_bytes())] == [(long_key, ["cls", "jpg"])]
+    with pytest.raises(CorruptShard):  # a truncated pax shard fails as corrupt, through webdataset's reader too
+        list(iter_samples(pax.read_bytes()[:1500]))
+
+
+def test_samples_stage_yields_what_webdataset_reads(prepared_sample):
+    uri = str(prepared_sample / "sub-03" / "train-000001.tar")
+    stats = StreamStats()
+    ours = list(piece_samples(piece_source([uri], [Piece(0, 0, 1)], stats=stats), stats=stats))
+    theirs = [{k: v for k, v in sample.items() if k != "__local_path__"}  # webdataset's note of a local file
+              for sample in wds.WebDataset(uri, shardshuffle=False)]
+    assert len(ours) == len(theirs) == stats.read == 128
+    assert ours == theirs  # same keys, same bytes for every extension, same __url__
 
 
 @pytest.mark.parametrize("shards, slots", [(4, 1), (4, 2), (4, 3), (4, 4), (4, 9), (1, 4), (3, 8)])
@@ -124,6 +149,20 @@ def test_augment_flips_and_crops_without_changing_shape_or_dtype():
     for crop in ("pad", "resized"):
         out = augment(images, DataConfig(crop=crop, hflip=False), np.random.default_rng(2))
         assert out.shape == images.shape and out.dtype == np.uint8 and not np.array_equal(out, images)
+
+
+def test_pad_crop_with_flip_is_a_window_of_the_padded_image_or_of_its_mirror():
+    images = np.random.default_rng(0).integers(0, 256, (32, 56, 56, 3), dtype=np.uint8)
+    out = augment(images, DataConfig(crop="pad", crop_padding=4, hflip=True), np.random.default_rng(4))
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    mirrored = 0
+    for i in range(len(images)):
+        windows = [padded[i, y:y + 56, x:x + 56] for y in range(9) for x in range(9)]
+        if any(np.array_equal(out[i], w) for w in windows):
+            continue
+        assert any(np.array_equal(out[i], w[:, ::-1]) for w in windows), i
+        mirrored += 1
+    assert 0 < mirrored < len(images)
 
 
 def test_incomplete_dataset_and_bad_shard_are_refused(prepared_sample, tmp_path):

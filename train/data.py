@@ -1,5 +1,11 @@
 """Streaming batches of one sub-dataset: dataset card checks, shard partition, shuffle, augment, batch.
 
+A stream is a ``webdataset.DataPipeline`` of small stages: pieces of shards -> webdataset samples
+(``{"__key__", "__url__", "jpg", "cls"}``) -> ``webdataset.shuffle`` (seeded buffer) -> decode into
+uint8 batch buffers -> augment. Tar bytes are parsed by ``train.shards`` (plain ustar directly,
+anything else through webdataset's own tar iterator): webdataset's ``tarfile_to_samples`` costs
+~100 us per sample here, more than decoding the 56x56 JPEG, against ~7 us.
+
 Work is split into *slots*, one per (DDP rank, DataLoader worker). Each shard is cut into
 ``parts`` interleaved pieces (sample i goes to piece i % parts) with parts = ceil(slots / shards),
 and the pieces are dealt to the slots round-robin, so the slots always partition the data, however
@@ -16,13 +22,16 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.config import DataConfig
-from train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
+from train.shards import CorruptShard, decode_into, iter_samples, to_sample
 from train.storage import DataError, exists, join, read_bytes, read_json
 
 _CARD_FIELDS = ("split", "num_classes", "format", "transform", "class_table_sha256", "splits", "sub_datasets")
@@ -82,68 +91,74 @@ def _slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class _Decoder:
-    """Reads pieces, decodes into a reusable batch buffer, counts unreadable samples."""
+@dataclass
+class StreamStats:
+    """Shared by the stages of one stream: samples read, and samples dropped as unreadable."""
 
-    def __init__(self, uris: list[str], shape: tuple[int, int, int], dtype: np.dtype) -> None:
-        self.uris = uris
-        self.shape = shape
-        self.dtype = dtype
-        self.skipped = 0
+    read: int = 0
+    skipped: int = 0
 
-    def samples(self, piece: Piece) -> Iterator[Sample]:
+
+# Pipeline stages, webdataset style: a source, then functions of the previous stage's iterator.
+
+def piece_source(uris: list[str], pieces: list[Piece], *, stats: StreamStats, rng: random.Random | None = None,
+                 forever: bool = False) -> Iterator[dict[str, Any]]:
+    """``{"url", "piece"}`` per piece; ``forever`` cycles (training), reshuffling each cycle when ``rng``."""
+    while True:
+        order = list(pieces)
+        if rng is not None:
+            rng.shuffle(order)
+        read_before = stats.read
+        for piece in order:
+            yield {"url": uris[piece.shard], "piece": piece}
+        if not forever:
+            return
+        if stats.read == read_before:
+            raise DataError(f"no readable sample in shards {sorted({uris[p.shard] for p in pieces})}")
+
+
+def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> Iterator[dict[str, Any]]:
+    """Each piece's webdataset samples: ``{"__key__", "__url__", "jpg": bytes, "cls": bytes, ...}``."""
+    for source in sources:
+        url, piece = source["url"], source["piece"]
         try:
-            buffer = read_bytes(self.uris[piece.shard])
+            buffer = read_bytes(url)
         except OSError as exc:
-            raise DataError(f"cannot read {self.uris[piece.shard]}: {exc}") from exc
+            raise DataError(f"cannot read {url}: {exc}") from exc
         try:
-            for index, (key, parts) in enumerate(iter_samples(buffer)):
-                if index % piece.parts != piece.part:
-                    continue
-                sample = to_sample(key, parts)
-                if sample is None:
-                    self.skipped += 1
-                else:
+            for index, (key, sample) in enumerate(iter_samples(buffer)):
+                if index % piece.parts == piece.part:
+                    sample["__key__"], sample["__url__"] = key, url
+                    stats.read += 1
                     yield sample
         except CorruptShard:
             # The readable head of a damaged shard is kept; the rest cannot be counted, one is recorded.
-            self.skipped += 1
-
-    def batches(self, samples: Iterator[Sample], batch_size: int, max_batches: int | None,
-                drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        made = 0
-        while max_batches is None or made < max_batches:
-            images = np.empty((batch_size, *self.shape), self.dtype)
-            labels = np.empty(batch_size, np.int64)
-            filled = 0
-            for sample in samples:
-                if decode_into(images[filled], sample):
-                    labels[filled] = sample.label
-                    filled += 1
-                    if filled == batch_size:
-                        break
-                else:
-                    self.skipped += 1
-            if filled < batch_size and (drop_last or filled == 0):
-                return
-            yield images[:filled], labels[:filled]
-            made += 1
+            stats.skipped += 1
 
 
-def _shuffled(samples: Iterator[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
-    if buffer_size <= 1:
-        yield from samples
-        return
-    buffer: list[Sample] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int, int], dtype: np.dtype,
+                    batch_size: int, max_batches: int | None, drop_last: bool,
+                    stats: StreamStats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Decode into batch buffers: ``(images N x H x W x C, labels, samples skipped since the last batch)``."""
+    made = reported = 0
+    while max_batches is None or made < max_batches:
+        images = np.empty((batch_size, *shape), dtype)
+        labels = np.empty(batch_size, np.int64)
+        filled = 0
+        for parts in samples:
+            sample = to_sample(parts["__key__"], parts)
+            if sample is not None and decode_into(images[filled], sample):
+                labels[filled] = sample.label
+                filled += 1
+                if filled == batch_size:
+                    break
+            else:
+                stats.skipped += 1
+        if filled < batch_size and (drop_last or filled == 0):
+            return
+        yield images[:filled], labels[:filled], stats.skipped - reported
+        reported = stats.skipped
+        made += 1
 
 
 def augment(images: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
@@ -152,18 +167,32 @@ def augment(images: np.ndarray, config: DataConfig, rng: np.random.Generator) ->
     flips = rng.random(count) < 0.5 if config.hflip else np.zeros(count, bool)
     if config.crop == "pad" and config.crop_padding > 0:
         # A random crop of the zero-padded image is the image shifted by (dy, dx) in [-pad, pad] with
-        # zeros filled in: one slice copy per sample, no padded copy of the batch.
+        # zeros filled in: one slice copy per sample, no padded copy of the batch. Mirroring after a
+        # shift by -dx equals shifting the mirrored image by dx, so the flip runs once, batched.
         pad = config.crop_padding
-        shifts = rng.integers(-pad, pad + 1, size=(count, 2)).tolist()
+        shifts = rng.integers(-pad, pad + 1, size=(count, 2))
+        shifts[flips, 1] *= -1
         out = np.zeros_like(images)
-        for i, (dy, dx) in enumerate(shifts):
-            source = images[i, :, ::-1] if flips[i] else images[i]
+        for i, (dy, dx) in enumerate(shifts.tolist()):
             out[i, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
-                source[max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
-        return out
-    out = _resized_crops(images, config.resized_scale, rng) if config.crop == "resized" else images.copy()
-    out[flips] = out[flips, :, ::-1]
+                images[i, max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
+    elif config.crop == "resized":
+        out = _resized_crops(images, config.resized_scale, rng)
+    else:
+        out = images.copy()
+    _mirror(out, flips)
     return out
+
+
+def _mirror(images: np.ndarray, flips: np.ndarray) -> None:
+    """Flip ``images[flips]`` left-right in place."""
+    if not flips.any():
+        return
+    _, height, width, channels = images.shape
+    # One gather of each row's elements: ~4x faster than numpy's negative-stride copy of 3-element pixels.
+    order = (np.arange(width - 1, -1, -1)[:, None] * channels + np.arange(channels)).ravel()
+    rows = images[flips].reshape(-1, height, width * channels)
+    images[flips] = np.take(rows, order, axis=2).reshape(-1, height, width, channels)
 
 
 def _resized_crops(images: np.ndarray, min_scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -221,50 +250,36 @@ class TrainStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _pieces_forever(self, pieces: list[Piece], rng: random.Random) -> Iterator[Piece]:
-        while True:
-            order = list(pieces)
-            if self.config.shuffle_shards:
-                rng.shuffle(order)
-            yield from order
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _slot()
         for images, labels, skipped in self.slot_batches(worker, workers):
             yield _as_torch(images, labels, skipped)
 
-    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """This rank's batches for loader worker ``worker`` of ``workers``, as numpy (images, labels, skipped).
+    def pipeline(self, worker: int, workers: int) -> wds.DataPipeline:
+        """The ``webdataset.DataPipeline`` of loader worker ``worker`` of ``workers`` on this rank.
 
-        Framework-free, so the MindSpore backend feeds exactly the same batches to GeneratorDataset.
+        It yields numpy ``(images, labels, skipped)`` and nothing framework-specific, so the MindSpore
+        backend feeds exactly the same batches to its GeneratorDataset.
         """
         slot, slots = self.rank * workers + worker, self.world * workers
         quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        if quota == 0:
-            return
         seed = (self.seed, self.epoch, slot)
-        rng = random.Random(hash(seed))
+        stats = StreamStats()
+        buffer = self.config.shuffle_buffer
         augment_rng = np.random.default_rng(list(seed))
-        decoder = _Decoder(self.uris, self.shape, self.dtype)
-        pieces = pieces_for_slot(len(self.uris), slot, slots)
+        return wds.DataPipeline(
+            partial(piece_source, self.uris, pieces_for_slot(len(self.uris), slot, slots), stats=stats,
+                    rng=random.Random(hash(seed)) if self.config.shuffle_shards else None, forever=quota > 0),
+            partial(piece_samples, stats=stats),
+            *([wds.shuffle(buffer, initial=buffer, rng=random.Random(hash((*seed, 1))))] if buffer > 1 else []),
+            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
+                    max_batches=quota, drop_last=True, stats=stats),
+            wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
+        )
 
-        def stream() -> Iterator[Sample]:
-            yielded_in_cycle = 0
-            for cycle_position, piece in enumerate(self._pieces_forever(pieces, rng)):
-                if cycle_position % len(pieces) == 0:
-                    if cycle_position and yielded_in_cycle == 0:
-                        names = [self.uris[p.shard] for p in pieces]
-                        raise DataError(f"no readable sample in shards {names}")
-                    yielded_in_cycle = 0
-                for sample in decoder.samples(piece):
-                    yielded_in_cycle += 1
-                    yield sample
-
-        reported = 0
-        for images, labels in decoder.batches(_shuffled(stream(), self.config.shuffle_buffer, rng),
-                                              self.batch_size, quota, drop_last=True):
-            yield augment(images, self.config, augment_rng), labels, decoder.skipped - reported
-            reported = decoder.skipped
+    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """This rank's batches for loader worker ``worker`` of ``workers``, as numpy (images, labels, skipped)."""
+        return iter(self.pipeline(worker, workers))
 
 
 class EvalStream(IterableDataset):
@@ -279,13 +294,16 @@ class EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _slot()
-        decoder = _Decoder(self.uris, self.shape, self.dtype)
+        stats = StreamStats()
         pieces = pieces_for_slot(len(self.uris), self.rank * workers + worker, self.world * workers)
-        samples = (sample for piece in pieces for sample in decoder.samples(piece))
-        reported = 0
-        for images, labels in decoder.batches(samples, self.batch_size, None, drop_last=False):
-            yield _as_torch(images, labels, decoder.skipped - reported)
-            reported = decoder.skipped
+        pipeline = wds.DataPipeline(
+            partial(piece_source, self.uris, pieces, stats=stats),
+            partial(piece_samples, stats=stats),
+            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
+                    max_batches=None, drop_last=False, stats=stats),
+        )
+        for images, labels, skipped in pipeline:
+            yield _as_torch(images, labels, skipped)
 
 
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
