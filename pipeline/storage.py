@@ -33,9 +33,14 @@ class Location:
         return Location(f"{joined}?{query}" if query else joined)
 
 
+def is_remote(uri: str) -> bool:
+    """A URI with a scheme (s3://bucket/key, gs://…), read through pyarrow.fs, rather than a local path."""
+    return "://" in uri
+
+
 def location(uri: str | os.PathLike) -> Location:
     text = os.fspath(uri)
-    if "://" not in text:
+    if not is_remote(text):
         text = os.path.abspath(text)
     return Location(text)
 
@@ -45,15 +50,14 @@ _FILESYSTEMS: dict[str, pafs.FileSystem] = {}  # one client per bucket and endpo
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     base, _, query = uri.partition("?")
-    if "://" not in base:
+    if not is_remote(base):
         return pafs.LocalFileSystem(), base
-    scheme_and_bucket = base.split("/", 3)[:3]
-    cache_key = "/".join(scheme_and_bucket) + "?" + query
+    if base.startswith("s3://") and not query and os.environ.get("AWS_ENDPOINT_URL"):
+        endpoint = os.environ["AWS_ENDPOINT_URL"].rstrip("/")
+        scheme = "http" if endpoint.startswith("http://") else "https"
+        query = f"endpoint_override={endpoint.split('://', 1)[1]}&scheme={scheme}"
+    cache_key = "/".join(base.split("/", 3)[:3]) + "?" + query  # the endpoint is part of the key
     if cache_key not in _FILESYSTEMS:
-        if base.startswith("s3://") and not query and os.environ.get("AWS_ENDPOINT_URL"):
-            endpoint = os.environ["AWS_ENDPOINT_URL"]
-            scheme = "http" if endpoint.startswith("http://") else "https"
-            query = f"endpoint_override={endpoint.split('://', 1)[1]}&scheme={scheme}"
         _FILESYSTEMS[cache_key] = pafs.FileSystem.from_uri(base + ("?" + query if query else ""))[0]
     return _FILESYSTEMS[cache_key], base.split("://", 1)[1].rstrip("/")
 

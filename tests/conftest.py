@@ -1,11 +1,13 @@
-"""Shared fixtures: real images, a real Ray, the embedded sample corpus, and a runner for the CLI."""
+"""Shared fixtures: real images, a real Ray, the embedded sample corpus, a real S3 server, and a runner for the CLI."""
 
 from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# For the moto server and its clients (any keys work); no metadata lookups, no real AWS.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                  "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -72,3 +78,39 @@ def prepared_sample(sample_root, tmp_path_factory) -> Path:
     run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--split", "36", "--val-per-class", "10",
             "--shard-size", "128", "--executor", "serial")
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's server, in memory) for the whole session: its http:// URL.
+
+    Give the CLI ``{**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}``; use a bucket name of your own.
+    """
+    pytest.importorskip("moto")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto server did not start on port {port} (exit code {server.poll()})") from None
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def s3_client(endpoint: str):
+    """A boto3 S3 client for the ``s3_endpoint`` server."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])

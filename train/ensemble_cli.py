@@ -326,3 +326,6 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, MemberError, MisalignedError) as error:
         print(f"ensemble-eval: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a store that cannot be reached or read: endpoint, network, credentials
+        print(f"ensemble-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2

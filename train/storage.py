@@ -1,55 +1,40 @@
-"""Read whole files from a local path or an object-store URI (s3://, gs://, ...) via pyarrow.fs."""
+"""Whole-file reads for the trainer and the ensemble evaluator: a local path or an object-store URI.
+
+Paths and URIs are plain strings here, kept as the user wrote them (they go into run.json and
+messages). Local paths are plain files; URIs (s3://, gs://, …) go through ``pipeline.storage``, the
+one place that turns a URI into a pyarrow filesystem, so ``cli.py train`` and ``cli.py prepare``
+reach the same stores the same way: S3 endpoints other than AWS (MinIO, moto) come from
+``AWS_ENDPOINT_URL`` or the URI's ``?endpoint_override=host:port&scheme=http``, credentials from
+the usual AWS environment variables.
+"""
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-_REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
+from pipeline import storage as _store
+from pipeline.storage import is_remote
+
+__all__ = ["DataError", "exists", "is_remote", "join", "read_bytes", "read_json"]
 
 
 class DataError(ValueError):
     """Data that cannot be trained on; the message is one line for the user."""
 
 
-def is_remote(uri: str) -> bool:
-    return uri.startswith(_REMOTE_SCHEMES)
-
-
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
-
-
-@lru_cache(maxsize=8)
-def _filesystem(uri_root: str) -> Any:
-    from pyarrow import fs  # only remote URIs need pyarrow's filesystems
-
-    return fs.FileSystem.from_uri(uri_root)[0]
-
-
-def _remote_path(uri: str) -> tuple[Any, str]:
-    scheme, _, rest = uri.partition("://")
-    bucket = rest.split("/", 1)[0]
-    return _filesystem(f"{scheme}://{bucket}"), rest
+    return _store.Location(base).join(*parts).uri if is_remote(base) else str(Path(base, *parts))
 
 
 def read_bytes(uri: str) -> bytes:
-    if not is_remote(uri):
-        return Path(uri).read_bytes()
-    filesystem, path = _remote_path(uri)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+    """The whole file. Missing: FileNotFoundError; other failures (network, permissions): OSError."""
+    return _store.read_bytes(_store.Location(uri)) if is_remote(uri) else Path(uri).read_bytes()
 
 
 def exists(uri: str) -> bool:
-    if not is_remote(uri):
-        return Path(uri).exists()
-    from pyarrow import fs
-
-    filesystem, path = _remote_path(uri)
-    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+    return _store.exists(_store.Location(uri)) if is_remote(uri) else Path(uri).exists()
 
 
 def read_json(uri: str) -> dict[str, Any]:

@@ -105,6 +105,8 @@ def _train(args: argparse.Namespace, recipe) -> int:
         shards = parse_shards(args.shard, int(card["split"]))
     except (DataError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # the store cannot be reached or read: endpoint, network, credentials, permissions
+        return _fail(f"cannot read {args.data}: {' '.join(str(exc).split())}")
     dist = init_distributed(device_type)
     device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
     results = {}

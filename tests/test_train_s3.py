@@ -1,0 +1,122 @@
+"""train and ensemble-eval read a prepared dataset from object storage: a real S3 endpoint (moto server) on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import S3_CREDENTIALS, run_cli, s3_client
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+SHARD = 5
+BATCH = 100
+BUCKET = "train-data"
+
+
+def count_samples(tars: list[Path]) -> int:
+    total = 0
+    for path in tars:
+        with tarfile.open(fileobj=io.BytesIO(path.read_bytes())) as archive:
+            total += sum(name.endswith(".cls") for name in archive.getnames())
+    return total
+
+
+@pytest.fixture(scope="module")
+def s3_data(prepared_sample, s3_endpoint) -> str:
+    """prepared_sample in the bucket: its card and tables, and sub-dataset SHARD (all that member SHARD reads)."""
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    wanted = f"sub-{SHARD:02d}"
+    for path in sorted(prepared_sample.rglob("*")):
+        top = path.relative_to(prepared_sample).parts[0]
+        if path.is_file() and top != "_work" and (top == wanted or not top.startswith("sub-")):
+            client.upload_file(str(path), BUCKET, f"sample-sub36/{path.relative_to(prepared_sample).as_posix()}")
+    return f"s3://{BUCKET}/sample-sub36"
+
+
+@pytest.fixture
+def s3_env(s3_endpoint) -> dict[str, str]:
+    return {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+
+
+def test_train_and_ensemble_eval_from_s3(s3_data, s3_env, prepared_sample, tmp_path):
+    runs = tmp_path / "runs"
+    run_cli("train", "--data", s3_data, "--shard", str(SHARD), "--config", "sample", "--out", str(runs),
+            "--no-progress", "schedule.epochs=1", f"data.batch_size={BATCH}", env=s3_env)
+
+    local = prepared_sample / f"sub-{SHARD:02d}"
+    run_dir = runs / f"sub-{SHARD:02d}"
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["val_samples"] == count_samples(sorted(local.glob("val-*.tar"))) == 100
+    [epoch] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["steps"] == count_samples(sorted(local.glob("train-*.tar"))) // BATCH == 5
+    assert epoch["skipped"] == 0 and epoch["val_skipped"] == 0
+    assert json.loads((run_dir / "run.json").read_text())["data"] == s3_data
+
+    # ensemble-eval on the S3 copy scores the member as its own validation did.
+    out = tmp_path / "report"
+    run_cli("ensemble-eval", "--data", s3_data, "--runs", str(runs), "--out", str(out), "--device", "cpu", env=s3_env)
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == s3_data and report["samples"] == final["val_samples"] and report["skipped"] == 0
+    [member] = report["members"]
+    assert (member["shard"], 100 * member["top1"], 100 * member["top5"]) == (SHARD, final["top1"], final["top5"])
+    assert pq.read_table(out / "predictions.parquet").num_rows == final["val_samples"]
+
+
+def test_storage_reads_the_s3_copy_as_the_local_one(s3_data, s3_env, prepared_sample, monkeypatch):
+    from train.data import read_card, shard_uris
+    from train.storage import exists, join, read_bytes
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    card = read_card(s3_data)
+    assert card == read_card(str(prepared_sample))
+    for split in ("train", "val"):
+        uris = shard_uris(s3_data, card, SHARD, split)
+        paths = shard_uris(str(prepared_sample), card, SHARD, split)
+        assert uris == [f"{s3_data}/{Path(path).relative_to(prepared_sample).as_posix()}" for path in paths]
+        assert [read_bytes(uri) for uri in uris] == [Path(path).read_bytes() for path in paths]
+    assert not exists(join(s3_data, "sub-06", "val-000000.tar"))  # not uploaded
+    with pytest.raises(FileNotFoundError):
+        read_bytes(join(s3_data, "sub-06", "val-000000.tar"))
+
+    # The endpoint in the URI instead of the environment (pyarrow's endpoint_override query).
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    in_uri = f"{s3_data}?endpoint_override={s3_env['AWS_ENDPOINT_URL'].split('://')[1]}&scheme=http"
+    assert join(in_uri, "sub-05", "val-000000.tar") == f"{s3_data}/sub-05/val-000000.tar?{in_uri.split('?')[1]}"
+    assert read_card(in_uri) == read_card(str(prepared_sample))
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_missing_or_unreachable_s3_dataset_is_one_line(s3_data, s3_env, tmp_path):
+    wrong = s3_data.replace("sample-sub36", "no-such-prefix")
+    train = ("train", "--shard", str(SHARD), "--config", "sample", "--out", str(tmp_path / "runs"), "--no-progress")
+    unreachable = {**s3_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}  # nothing listens on port 1
+    calls = {
+        "train": (train + ("--data", wrong), s3_env),
+        "ensemble-eval": (("ensemble-eval", "--data", wrong, "--runs", str(tmp_path)), s3_env),
+        "unreachable": (train + ("--data", s3_data), unreachable),  # pyarrow retries for some seconds first
+    }
+    with ThreadPoolExecutor(len(calls)) as pool:  # three CLI start-ups at once: most of their time is waiting
+        futures = {name: pool.submit(run_cli, *args, check=False, env=env) for name, (args, env) in calls.items()}
+        lines = {name: one_line_error(future.result()) for name, future in futures.items()}
+    assert lines["train"] == (f"cli.py train: error: {wrong} is not a complete prepared dataset: {wrong}/dataset.json "
+                              "is missing (run 'cli.py prepare' to the end first)")
+    assert lines["ensemble-eval"].startswith(f"ensemble-eval: error: {wrong} is not a complete prepared dataset")
+    assert lines["unreachable"].startswith(f"cli.py train: error: cannot read {s3_data}: ")
+    assert "connect" in lines["unreachable"].lower()
+    assert not (tmp_path / "runs").exists()
