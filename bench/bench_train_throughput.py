@@ -53,11 +53,12 @@ def loader_rate(view: Path, shard: int, recipe, workers: int, pin: bool) -> floa
 def compute_rate(recipe, card: dict, device: str, steps: int = 20) -> float:
     import torch
 
+    from train.engine import autocast_dtype
     from train.models import create_model
 
     spec = recipe.model
     model = create_model(spec.name, card["num_classes"], stem=spec.stem).to(device)
-    amp = device == "cuda" and recipe.train.amp
+    amp = autocast_dtype(recipe.train, torch.device(device)) is not None  # train.amp: auto | true | false
     if device == "cuda" and recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True

@@ -13,7 +13,7 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train.config import DataConfig, Recipe, TrainConfig  # noqa: E402
+from train.config import ConfigError, DataConfig, Recipe, TrainConfig  # noqa: E402
 from train.data import TrainStream, make_loader, read_card, shard_uris  # noqa: E402
 from train.mindspore.checkpoint import read_ckpt, save_ckpt  # noqa: E402
 from train.mindspore.data import train_dataset  # noqa: E402
@@ -79,7 +79,10 @@ def test_batches_equal_the_torch_loaders_in_order(prepared_sample):
 
 
 def test_amp_follows_the_recipe_and_is_off_on_cpu():
-    assert precision_for(TrainConfig(amp=True), "CPU").amp_level == "O0"
+    assert precision_for(TrainConfig(amp="auto"), "CPU").amp_level == "O0"
+    assert precision_for(TrainConfig(amp="auto"), "Ascend").amp_level == "O2"
+    with pytest.raises(ConfigError, match="no mixed precision on the CPU"):
+        precision_for(TrainConfig(amp=True), "CPU")
     fp16 = precision_for(TrainConfig(amp=True, amp_dtype="float16"), "Ascend")
     assert (fp16.amp_level, fp16.dtype, fp16.loss_scaling) == ("O2", "float16", True)
     bf16 = precision_for(TrainConfig(amp=True, amp_dtype="bfloat16"), "GPU")

@@ -27,6 +27,12 @@ def test_shipped_recipes_load_and_match_the_seed():
     assert load_recipe("resnext50").model.name == "resnext50_32x4d"
 
 
+def test_shipped_recipes_keep_cpu_runs_in_float32():
+    # train.amp=true would autocast on the CPU too; the shipped recipes autocast on CUDA only.
+    for name in list_recipes():
+        assert load_recipe(name).train.amp in ("auto", False), name
+
+
 def test_overrides_apply_with_types():
     overrides = ["optimizer.lr=0.05", "train.ema_decay=0.999", "data.hflip=false", "model.ebv_dim=null",
                  "data.mean=[0.4,0.5,0.6]"]
@@ -34,6 +40,10 @@ def test_overrides_apply_with_types():
     assert recipe.optimizer.lr == 0.05 and recipe.train.ema_decay == 0.999 and recipe.data.hflip is False
     assert recipe.data.mean == [0.4, 0.5, 0.6] and recipe.model.ebv_dim is None
     assert apply_overrides(load_recipe("sample"), ["optimizer.lr=1"]).optimizer.lr == 1.0
+    for text, value in (("auto", "auto"), ("true", True), ("false", False)):
+        assert apply_overrides(load_recipe("sample"), [f"train.amp={text}"]).train.amp == value
+    assert apply_overrides(load_recipe("sample"), ["train.compile_backend=aot_eager"]).train.compile_backend == (
+        "aot_eager")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -42,6 +52,9 @@ def test_overrides_apply_with_types():
     ("optimizer.lr=fast", "optimizer.lr must be a number"),
     ("data.batch_size=1.5", "data.batch_size must be an integer"),
     ("model.stem=tiny", "model.stem must be one of imagenet, lowres"),
+    ("train.amp=cpu", "train.amp must be true, false or auto, got 'cpu'"),
+    ("train.amp=1", "train.amp must be true, false or auto, got 1"),
+    ("train.compile_backend=tvm", "train.compile_backend must be one of inductor, aot_eager, eager"),
     ("lr=0.1", "must look like section.key=value"),
 ])
 def test_bad_overrides_are_refused(override, message):

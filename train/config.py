@@ -76,10 +76,11 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off; e.g. 0.9998
     grad_clip: float = 0.0  # max global grad norm; 0: off
     accumulate_steps: int = 1  # micro-batches per optimizer step (each rank's batch split k ways)
-    amp: bool = True  # autocast on CUDA (ignored on CPU)
+    amp: bool | str = "auto"  # autocast: auto (on CUDA only) | true (every device, CPU included) | false
     amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler)
     channels_last: bool = True  # on CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile the training model
+    compile_backend: str = "inductor"  # inductor | aot_eager (no code generation) | eager (graph capture only)
     seed: int = 0
     deterministic: bool = False
     val_every: int = 1  # validate every n epochs (and always after the last)
@@ -107,7 +108,10 @@ CHOICES = {
     "optimizer.name": ("sgd", "adamw"),
     "schedule.name": ("cosine", "step", "constant"),
     "train.amp_dtype": ("bfloat16", "float16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
+# Keys that take true, false or one of these words.
+SWITCHES = {"train.amp": ("auto",)}
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")}
 
@@ -131,6 +135,10 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path} may not be null")
+    if path in SWITCHES:
+        if isinstance(value, bool) or value in SWITCHES[path]:
+            return value
+        raise ConfigError(f"{path} must be true, false or {' or '.join(SWITCHES[path])}, got {value!r}")
     if "list" in annotation:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
             raise ConfigError(f"{path} must be a list of numbers, got {value!r}")

@@ -32,6 +32,12 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` on ``device``: auto = autocast on CUDA only, true = on every device, false = never."""
+    enabled = config.amp is True or (config.amp == "auto" and device.type == "cuda")
+    return getattr(torch, config.amp_dtype) if enabled else None
+
+
 def lr_factor(step: int, steps_per_epoch: int, config: ScheduleConfig, base_lr: float) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (per-step warmup, then the schedule)."""
     epoch = step / steps_per_epoch

@@ -23,7 +23,7 @@ from train.config import ConfigError, Recipe, dump_yaml
 from train.data import EvalStream, TrainStream, make_loader, read_card, sample_shape, shard_uris
 from train.distributed import DistInfo, barrier
 from train.ebv import generate_ebv
-from train.engine import StepContext, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
 from train.models import SubNetwork, create_model
 from train.progress import EpochProgress
 from train.storage import DataError
@@ -176,13 +176,14 @@ class MemberTrainer:
                                      use_buffers=True)
         self.optimizer = build_optimizer(model, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, self.batches_per_epoch)
-        amp_dtype = getattr(torch, train_cfg.amp_dtype) if (train_cfg.amp and on_cuda) else None
+        amp_dtype = autocast_dtype(train_cfg, job.device)
         self.scaler = torch.amp.GradScaler(job.device.type, enabled=amp_dtype == torch.float16)
         self.ctx = StepContext(job.device, amp_dtype, int(self.card["num_classes"]), train_cfg)
         trained = model
         if self.dist.enabled:
             trained = DistributedDataParallel(model, device_ids=[job.device.index] if on_cuda else None)
-        self.train_model = torch.compile(trained) if train_cfg.compile else trained
+        # self.model stays the plain module: checkpoints never carry torch.compile's "_orig_mod." prefix.
+        self.train_model = torch.compile(trained, backend=train_cfg.compile_backend) if train_cfg.compile else trained
         world, rank = self.dist.world, self.dist.rank
         self.train_stream = TrainStream(self.train_uris, self.card, recipe.data,
                                         batch_size=recipe.data.batch_size // world,
@@ -204,7 +205,10 @@ class MemberTrainer:
             raise ckpt.CheckpointError(f"last.pt does not fit the model: {str(exc).splitlines()[0]}") from exc
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        # A bfloat16 or float32 run saves an empty scaler state: resumed in float16, it starts from the
+        # scaler's initial scale.
+        if checkpoint["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint["ema"] is not None:
             self.ema.load_state_dict(checkpoint["ema"])
         ckpt.set_rng_state(checkpoint["rng"])

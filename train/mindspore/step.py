@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from train.config import Recipe, TrainConfig
+from train.config import ConfigError, Recipe, TrainConfig
 from train.engine import lr_factor
 
 # torch.amp.GradScaler's defaults: start at 2**16, double after 2000 clean steps, halve on overflow.
@@ -31,8 +31,12 @@ class Precision:
 
 
 def precision_for(config: TrainConfig, device_target: str) -> Precision:
-    """``train.amp`` and ``train.amp_dtype`` -> AMP level; like torch's autocast, AMP is off on the CPU."""
-    if not config.amp or device_target == "CPU":
+    """``train.amp`` and ``train.amp_dtype`` -> AMP level: ``auto`` on GPU/Ascend only, ``true`` everywhere."""
+    if config.amp is True and device_target == "CPU":
+        # Unlike torch's CPU autocast, MindSpore's O2 on the CPU is not something we have seen work.
+        raise ConfigError("train.amp=true: the MindSpore backend has no mixed precision on the CPU; "
+                          "use train.amp=auto (float32 on the CPU) or false")
+    if config.amp is False or device_target == "CPU":
         return Precision("O0", None, False)
     # O2 is MindCV's level for ResNets on Ascend: it keeps BatchNorm in float32, as autocast does.
     return Precision("O2", config.amp_dtype, config.amp_dtype == "float16")
