@@ -68,14 +68,14 @@ def test_trainer_wires_autocast_and_the_grad_scaler(small_sample, tmp_path, over
 def _built_trainer(data: Path, out: Path, overrides: list[str]) -> MemberTrainer:
     recipe = apply_overrides(load_recipe("sample"), ["data.batch_size=10", *overrides])
     trainer = MemberTrainer(MemberJob(str(data), 0, out, False, torch.device("cpu"), False), recipe, DistInfo())
-    trainer._build()
+    trainer.build()
     return trainer
 
 
 def test_float16_resumed_from_a_checkpoint_without_scaler_state_starts_the_scaler_afresh(small_sample, tmp_path):
     trainer = _built_trainer(small_sample, tmp_path, ["train.amp=true", "train.amp_dtype=float16"])
     checkpoint = {**trainer._checkpoint(0, 50.0), "scaler": {}}  # as a bfloat16 or float32 run saves it
-    assert trainer._restore(checkpoint) == (1, 50.0)
+    assert trainer.restore(checkpoint) == (1, 50.0)
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
 
 

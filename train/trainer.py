@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ from train.data import EvalStream, TrainStream, make_loader, read_card, sample_s
 from train.distributed import DistInfo, barrier
 from train.ebv import generate_ebv
 from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch
 from train.models import SubNetwork, create_model
 from train.progress import EpochProgress
-from train.storage import DataError
 
 _EVAL_BATCH = 512
 
@@ -132,7 +130,7 @@ def _prepare_run_dir(job: MemberJob, run_dir: Path) -> str:
     return "fresh"
 
 
-class MemberTrainer:
+class MemberTrainer(MemberRun):
     """Everything one member's training holds: model, optimizer, loaders, run folder."""
 
     def __init__(self, job: MemberJob, recipe: Recipe, dist: DistInfo) -> None:
@@ -145,20 +143,15 @@ class MemberTrainer:
         self.state = _prepare_run_dir(job, self.run_dir)
         self.meta = run_meta(job, card, recipe)
         batch = recipe.data.batch_size
-        if batch % dist.world:
-            raise ConfigError(f"data.batch_size={batch} does not divide over {dist.world} processes")
+        self.batches_per_epoch = batches_per_epoch(card, batch, dist.world)
         if (batch // dist.world) % recipe.train.accumulate_steps:
             raise ConfigError(f"data.batch_size={batch} over {dist.world} process(es) does not split into "
                               f"train.accumulate_steps={recipe.train.accumulate_steps} micro-batches")
-        self.batches_per_epoch = int(card["splits"]["train"]["samples"]) // batch
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
-                              "training samples of a sub-dataset")
         self.resume_from = None
         if self.state == "resume":
             self.resume_from = ckpt.load_checkpoint(self.run_dir / "last.pt", self.meta)
 
-    def _build(self) -> None:
+    def build(self) -> None:
         recipe, job, train_cfg = self.recipe, self.job, self.recipe.train
         _seed_everything(train_cfg.seed, train_cfg.deterministic)
         basis_file = self.run_dir / ckpt.BASIS_FILE
@@ -198,7 +191,7 @@ class MemberTrainer:
                 "best_top1": best_top1, "rng": ckpt.rng_state(), "meta": self.meta,
                 "config": self.recipe.to_dict()}
 
-    def _restore(self, checkpoint: dict[str, Any]) -> tuple[int, float]:
+    def restore(self, checkpoint: dict[str, Any]) -> tuple[int, float]:
         try:
             self.model.load_state_dict(checkpoint["model"])
         except RuntimeError as exc:
@@ -214,7 +207,7 @@ class MemberTrainer:
         ckpt.set_rng_state(checkpoint["rng"])
         return int(checkpoint["epoch"]) + 1, float(checkpoint["best_top1"])
 
-    def _write_run_files(self, start_epoch: int) -> None:
+    def write_run_files(self, start_epoch: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
         ckpt.write_json(self.run_dir / "run.json", self.meta)
@@ -227,80 +220,41 @@ class MemberTrainer:
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _validate(self) -> dict[str, Any]:
+    def validate(self) -> dict[str, Any]:
         pin = self.job.device.type == "cuda"
         loader = make_loader(self.val_stream, self.recipe.data.workers, pin)
         return evaluate(self._eval_model(), loader, self.ctx)
 
-    def run(self) -> dict[str, Any]:
-        if self.state == "done":
-            return json.loads((self.run_dir / "final.json").read_text())
-        self._build()
-        start_epoch, best_top1 = 0, -1.0
-        if self.resume_from is not None:
-            start_epoch, best_top1 = self._restore(self.resume_from)
-            self.resume_from = None
-        main = self.dist.is_main
-        if main:
-            self._write_run_files(start_epoch)
-        barrier()
-        epochs = self.recipe.schedule.epochs
+    def train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
         train_cfg = self.recipe.train
-        pin = self.job.device.type == "cuda"
-        writer = _summary_writer(self.run_dir) if main else None
-        last_eval: dict[str, Any] = {}
-        started = time.perf_counter()
-        for epoch in range(start_epoch, epochs):
-            # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
-            torch.manual_seed(train_cfg.seed * 100_003 + epoch)
-            mix_rng = np.random.default_rng([train_cfg.seed, epoch, self.dist.rank])
-            self.train_stream.set_epoch(epoch)
-            loader = make_loader(self.train_stream, self.recipe.data.workers, pin)
-            bar = EpochProgress(self.batches_per_epoch, f"sub-{self.job.shard:02d} {epoch + 1}/{epochs}",
-                                enabled=main and self.job.progress, world=self.dist.world)
-            after_step = (functools.partial(self.ema.update_parameters, self.model)
-                          if self.ema is not None else _nothing)
-            stats = train_one_epoch(self.train_model, loader, self.optimizer, self.scheduler, self.scaler,
-                                    self.ctx, mix_rng, after_step, bar.step)
-            bar.close()
-            line: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **stats}
-            if (epoch + 1) % train_cfg.val_every == 0 or epoch + 1 == epochs:
-                last_eval = self._validate()
-                line.update(last_eval)
-            if main:
-                self._log_epoch(line, writer)
-                improved = "top1" in line and line["top1"] > best_top1
-                best_top1 = max(best_top1, line.get("top1", best_top1))
-                if (epoch + 1) % train_cfg.checkpoint_every == 0 or epoch + 1 == epochs or improved:
-                    state = self._checkpoint(epoch, best_top1)
-                    ckpt.save_torch(state, self.run_dir / "last.pt")
-                    if improved:
-                        ckpt.same_file_as(self.run_dir / "last.pt", self.run_dir / "best.pt")
-            barrier()
-        if not last_eval:  # resumed after the last epoch had finished but before final.json
-            last_eval = self._validate()
-        final = {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
-                 "val_samples": last_eval["val_samples"], "epochs": epochs, "best_top1": best_top1,
-                 "train_seconds": time.perf_counter() - started, "ema": self.ema is not None}
-        if main:
-            ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta},
-                            self.run_dir / "final.pt")
-            ckpt.write_json(self.run_dir / "final.json", final)
-            writer.close()
-        barrier()
-        return final
+        # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
+        torch.manual_seed(train_cfg.seed * 100_003 + epoch)
+        mix_rng = np.random.default_rng([train_cfg.seed, epoch, self.dist.rank])
+        self.train_stream.set_epoch(epoch)
+        loader = make_loader(self.train_stream, self.recipe.data.workers, self.job.device.type == "cuda")
+        after_step = (functools.partial(self.ema.update_parameters, self.model)
+                      if self.ema is not None else _nothing)
+        stats = train_one_epoch(self.train_model, loader, self.optimizer, self.scheduler, self.scaler,
+                                self.ctx, mix_rng, after_step, bar.step)
+        return {"lr": self.optimizer.param_groups[0]["lr"], **stats}
 
-    def _log_epoch(self, line: dict[str, Any], writer) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        for key, value in line.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, line["epoch"])
-        writer.flush()
-        summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
-        if "top1" in line:
-            summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
-        print(f"[sub-{self.job.shard:02d}] {summary}", file=sys.stderr)
+    def save_last(self, epoch: int, best_top1: float) -> Path:
+        path = self.run_dir / "last.pt"
+        ckpt.save_torch(self._checkpoint(epoch, best_top1), path)
+        return path
+
+    def wait_for_ranks(self) -> None:
+        barrier()
+
+    def plan(self) -> EpochPlan:
+        return EpochPlan.of(self.recipe, shard=self.job.shard, batches_per_epoch=self.batches_per_epoch,
+                            main=self.dist.is_main, world=self.dist.world, progress=self.job.progress)
+
+    def save_final_weights(self) -> None:
+        ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+
+    def final_fields(self) -> dict[str, Any]:
+        return {"ema": self.ema is not None}
 
 
 def _truncate_metrics(path: Path, kept_epochs: int) -> None:
@@ -315,16 +269,6 @@ def _nothing() -> None:
     return None
 
 
-def _summary_writer(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
-
-    return SummaryWriter(log_dir=str(run_dir / "tb"))
-
-
 def train_member(job: MemberJob, recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
-    try:
-        trainer = MemberTrainer(job, recipe, dist)
-    except (DataError, ckpt.CheckpointError) as exc:
-        raise ConfigError(str(exc)) from exc
-    return trainer.run()
+    return MemberTrainer.checked_run(job, recipe, dist)

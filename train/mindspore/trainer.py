@@ -8,8 +8,6 @@ final.json (written last). Everything random in an epoch derives from (seed, epo
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from train import checkpoint as torch_ckpt
 from train.config import ConfigError, Recipe, dump_yaml
 from train.data import EvalStream, read_card, shard_uris
 from train.engine import lr_factor, mix_batch
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch
 from train.mindspore import checkpoint as ckpt
 from train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from train.mindspore.ebv import generate_basis
@@ -31,7 +30,6 @@ from train.mindspore.models import create_model, ebv_basis_of
 from train.mindspore.runtime import Runtime
 from train.mindspore.step import EvalStep, SoftTargetLoss, TrainStep, apply_precision, build_optimizer, precision_for
 from train.progress import EpochProgress
-from train.storage import DataError
 from train.trainer import _truncate_metrics, run_meta
 
 _EVAL_BATCH = 512
@@ -88,7 +86,7 @@ class SumAcrossRanks(ms.nn.Cell):
         return self.all_reduce(values)
 
 
-class MindSporeTrainer:
+class MindSporeTrainer(MemberRun):
     def __init__(self, job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> None:
         _check_supported(recipe)
         self._summer: SumAcrossRanks | None = None
@@ -99,13 +97,7 @@ class MindSporeTrainer:
         self.run_dir = job.out / card["sub_datasets"][job.shard]
         self.state = _prepare_run_dir(job, self.run_dir)
         self.meta = mindspore_meta(job, card, recipe, runtime)
-        batch = recipe.data.batch_size
-        if batch % runtime.world:
-            raise ConfigError(f"data.batch_size={batch} does not divide over {runtime.world} processes")
-        self.batches_per_epoch = int(card["splits"]["train"]["samples"]) // batch
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
-                              "training samples of a sub-dataset")
+        self.batches_per_epoch = batches_per_epoch(card, recipe.data.batch_size, runtime.world)
         self.resume_from = None
         if self.state == "resume":
             self.resume_from = ckpt.read_ckpt(self.run_dir / "last.ckpt", self.meta)[0]
@@ -119,7 +111,7 @@ class MindSporeTrainer:
         return generate_basis(self.meta["num_classes"], spec["ebv_dim"], spec["ebv_threshold"], spec["ebv_seed"],
                               self.recipe.model.ebv_steps)
 
-    def _build(self) -> None:
+    def build(self) -> None:
         recipe, spec, world = self.recipe, self.meta["model"], self.runtime.world
         try:
             self.model = create_model(spec["name"], self.meta["num_classes"], stem=spec["stem"], head=spec["head"],
@@ -141,15 +133,17 @@ class MindSporeTrainer:
         self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=self.runtime.rank,
                                      world=world)
 
-    def _restore(self, params: dict[str, Any]) -> tuple[int, float]:
+    def restore(self, params: dict[str, Any]) -> tuple[int, float]:
         epoch, best = ckpt.scalar(params, "epoch"), ckpt.scalar(params, "best_top1")
         ckpt.load_into(self.train_step, params, self.run_dir / "last.ckpt")
         return int(epoch) + 1, best
 
-    def _save(self, name: str, epoch: int, best_top1: float) -> None:
-        ckpt.save_ckpt(self.train_step, self.run_dir / name, self.meta, epoch=epoch, best_top1=best_top1)
+    def save_last(self, epoch: int, best_top1: float) -> Path:
+        path = self.run_dir / "last.ckpt"
+        ckpt.save_ckpt(self.train_step, path, self.meta, epoch=epoch, best_top1=best_top1)
+        return path
 
-    def _write_run_files(self, start_epoch: int) -> None:
+    def write_run_files(self, start_epoch: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch_ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
         torch_ckpt.write_json(self.run_dir / "run.json", self.meta)
@@ -159,7 +153,7 @@ class MindSporeTrainer:
         else:
             ckpt.save_basis(self.run_dir, ebv_basis_of(self.model))
 
-    def _train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
+    def train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
         config = self.recipe.train
         self.train_stream.set_epoch(epoch)
         mix_rng = np.random.default_rng([config.seed, epoch, self.runtime.rank])
@@ -184,14 +178,15 @@ class MindSporeTrainer:
             bar.step(torch.tensor(loss_value), self._lr(step), len(labels))
         seconds = time.perf_counter() - start
         loss_total, seen_total, skipped_total = self._all_reduce([loss_sum, seen, skipped])
-        return {"train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "steps": steps,
+        return {"lr": self._lr((epoch + 1) * self.batches_per_epoch),
+                "train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "steps": steps,
                 "seconds": seconds, "images_per_s": seen_total / max(seconds, 1e-9), "skipped": int(skipped_total)}
 
     def _lr(self, step: int) -> float:
         base = self.recipe.optimizer.lr
         return base * lr_factor(step, self.batches_per_epoch, self.recipe.schedule, base)
 
-    def _validate(self) -> dict[str, Any]:
+    def validate(self) -> dict[str, Any]:
         self.eval_step.set_train(False)
         totals = np.zeros(5)  # loss, top1, top5, samples, skipped
         for images, labels, count, skipped in eval_dataset(self.val_stream).create_tuple_iterator(
@@ -210,73 +205,21 @@ class MindSporeTrainer:
             self._summer = SumAcrossRanks()
         return [float(v) for v in self._summer(Tensor(np.asarray(values, np.float32))).asnumpy()]
 
-    def run(self) -> dict[str, Any]:
-        if self.state == "done":
-            return json.loads((self.run_dir / "final.json").read_text())
-        self._build()
-        start_epoch, best_top1 = 0, -1.0
-        if self.resume_from is not None:
-            start_epoch, best_top1 = self._restore(self.resume_from)
-            self.resume_from = None
-        main = self.runtime.is_main
-        if main:
-            self._write_run_files(start_epoch)
-        epochs, config = self.recipe.schedule.epochs, self.recipe.train
-        writer = _summary_writer(self.run_dir) if main else None
-        last_eval: dict[str, Any] = {}
-        started = time.perf_counter()
-        for epoch in range(start_epoch, epochs):
-            bar = EpochProgress(self.batches_per_epoch, f"sub-{self.job.shard:02d} {epoch + 1}/{epochs}",
-                                enabled=main and self.job.progress, world=self.runtime.world)
-            stats = self._train_epoch(epoch, bar)
-            bar.close()
-            line: dict[str, Any] = {"epoch": epoch + 1, "lr": self._lr((epoch + 1) * self.batches_per_epoch),
-                                    **stats}
-            if (epoch + 1) % config.val_every == 0 or epoch + 1 == epochs:
-                last_eval = self._validate()
-                line.update(last_eval)
-            if main:
-                self._log_epoch(line, writer)
-                improved = "top1" in line and line["top1"] > best_top1
-                best_top1 = max(best_top1, line.get("top1", best_top1))
-                if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == epochs or improved:
-                    self._save("last.ckpt", epoch, best_top1)
-                    if improved:
-                        torch_ckpt.same_file_as(self.run_dir / "last.ckpt", self.run_dir / "best.ckpt")
-        if not last_eval:  # resumed after the last epoch had finished but before final.json
-            last_eval = self._validate()
-        final = {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
-                 "val_samples": last_eval["val_samples"], "epochs": epochs, "best_top1": best_top1,
-                 "train_seconds": time.perf_counter() - started, "ema": False}
-        if main:
-            ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
-            torch_ckpt.write_json(self.run_dir / "final.json", final)
-            writer.close()
-        return final
+    def plan(self) -> EpochPlan:
+        return EpochPlan.of(self.recipe, shard=self.job.shard, batches_per_epoch=self.batches_per_epoch,
+                            main=self.runtime.is_main, world=self.runtime.world, progress=self.job.progress,
+                            label="mindspore")
 
-    def _log_epoch(self, line: dict[str, Any], writer) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        for key, value in line.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, line["epoch"])
-        writer.flush()
-        summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
-        if "top1" in line:
-            summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
-        print(f"[sub-{self.job.shard:02d} mindspore] {summary}", file=sys.stderr)
+    def wait_for_ranks(self) -> None:
+        return None  # ranks already meet in the all-reduces of every epoch's metrics
 
+    def save_final_weights(self) -> None:
+        ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
 
-def _summary_writer(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(run_dir / "tb"))
+    def final_fields(self) -> dict[str, Any]:
+        return {"ema": False}
 
 
 def train_member(job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
     """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
-    try:
-        trainer = MindSporeTrainer(job, recipe, runtime)
-    except (DataError, torch_ckpt.CheckpointError) as exc:
-        raise ConfigError(str(exc)) from exc
-    return trainer.run()
+    return MindSporeTrainer.checked_run(job, recipe, runtime)

@@ -1,0 +1,191 @@
+"""The run of one member that both backends share: resume, epochs, validation, logs, checkpoints, final.
+
+A backend's trainer subclasses ``MemberRun`` and supplies what differs (building the network,
+restoring and writing checkpoints, one epoch of training, validation, the barrier between ranks);
+what a run folder gets (metrics.jsonl, TensorBoard scalars, a summary line per epoch, ``best`` as a
+link to ``last``, final.json) is decided here once, so torch and MindSpore run folders cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.checkpoint import CheckpointError, same_file_as, write_json
+from train.config import ConfigError, Recipe
+from train.progress import EpochProgress
+from train.storage import DataError
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    shard: int
+    epochs: int
+    batches_per_epoch: int
+    val_every: int
+    checkpoint_every: int
+    main: bool  # this rank writes the run folder
+    world: int
+    progress: bool
+    label: str = ""  # after the member in summary lines, e.g. "mindspore"
+
+    @classmethod
+    def of(cls, recipe: Recipe, *, shard: int, batches_per_epoch: int, main: bool, world: int, progress: bool,
+           label: str = "") -> EpochPlan:
+        return cls(shard=shard, epochs=recipe.schedule.epochs, batches_per_epoch=batches_per_epoch,
+                   val_every=recipe.train.val_every, checkpoint_every=recipe.train.checkpoint_every, main=main,
+                   world=world, progress=progress, label=label)
+
+
+def batches_per_epoch(card: dict[str, Any], batch: int, world: int) -> int:
+    """Full global batches per epoch; refuses a batch that does not split over the ranks or exceeds the data."""
+    if batch % world:
+        raise ConfigError(f"data.batch_size={batch} does not divide over {world} processes")
+    batches = int(card["splits"]["train"]["samples"]) // batch
+    if batches == 0:
+        raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
+                          "training samples of a sub-dataset")
+    return batches
+
+
+class EpochLog:
+    """metrics.jsonl, TensorBoard scalars and one summary line on stderr per epoch."""
+
+    def __init__(self, run_dir: Path, prefix: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+        self.metrics = run_dir / "metrics.jsonl"
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.prefix = prefix
+
+    def write(self, line: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        for key, value in line.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, line["epoch"])
+        self.writer.flush()
+        summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
+        if "top1" in line:
+            summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
+        print(f"[{self.prefix}] {summary}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_epochs(steps: MemberRun, plan: EpochPlan, run_dir: Path, start_epoch: int,
+               best_top1: float) -> dict[str, Any]:
+    """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
+
+    ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
+    ``last`` checkpoint saved in the same epoch.
+    """
+    prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
+    log = EpochLog(run_dir, prefix) if plan.main else None
+    last_eval: dict[str, Any] = {}
+    started = time.perf_counter()
+    for epoch in range(start_epoch, plan.epochs):
+        bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
+                            enabled=plan.main and plan.progress, world=plan.world)
+        line: dict[str, Any] = {"epoch": epoch + 1, **steps.train_epoch(epoch, bar)}
+        bar.close()
+        if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
+            last_eval = steps.validate()
+            line.update(last_eval)
+        if log is not None:
+            log.write(line)
+            improved = "top1" in line and line["top1"] > best_top1
+            best_top1 = max(best_top1, line.get("top1", best_top1))
+            if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
+                last = steps.save_last(epoch, best_top1)
+                if improved:
+                    same_file_as(last, last.with_name("best" + last.suffix))
+        steps.wait_for_ranks()
+    if not last_eval:  # resumed after the last epoch had finished but before final.json
+        last_eval = steps.validate()
+    if log is not None:
+        log.close()
+    return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
+            "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
+            "train_seconds": time.perf_counter() - started}
+
+
+class MemberRun(ABC):
+    """``run()`` for a backend's member trainer; the subclass sets the attributes and the hooks below."""
+
+    run_dir: Path
+    state: str  # "new" | "resume" | "done" (final.json exists)
+    resume_from: Any  # the checkpoint to resume from, loaded and checked; None for a new run
+
+    @abstractmethod
+    def plan(self) -> EpochPlan: ...
+
+    @abstractmethod
+    def build(self) -> None:
+        """Network, optimizer, streams."""
+
+    @abstractmethod
+    def restore(self, checkpoint: Any) -> tuple[int, float]:
+        """Load the checkpoint into what ``build`` made; (first epoch to run, best top-1 so far)."""
+
+    @abstractmethod
+    def write_run_files(self, start_epoch: int) -> None:
+        """config.yaml, run.json, the EBV basis; on resume, metrics.jsonl cut back to the checkpoint."""
+
+    @abstractmethod
+    def train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
+        """Train one epoch; ``{"lr", "train_loss", "images_per_s", ...}`` for metrics.jsonl."""
+
+    @abstractmethod
+    def validate(self) -> dict[str, Any]:
+        """``{"val_loss", "top1", "top5", "val_samples", "val_skipped"}`` over the whole val split."""
+
+    @abstractmethod
+    def save_last(self, epoch: int, best_top1: float) -> Path:
+        """Write the resumable checkpoint of ``epoch`` (0-based) atomically; its path."""
+
+    @abstractmethod
+    def save_final_weights(self) -> None:
+        """The weights to evaluate (EMA weights when EMA is on), for ``load_member``."""
+
+    @abstractmethod
+    def final_fields(self) -> dict[str, Any]:
+        """The backend's own fields of final.json."""
+
+    @abstractmethod
+    def wait_for_ranks(self) -> None:
+        """A barrier across ranks (a no-op where the backend's collectives already line ranks up)."""
+
+    @classmethod
+    def checked_run(cls, *args: Any) -> dict[str, Any]:
+        """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
+        try:
+            trainer = cls(*args)
+        except (DataError, CheckpointError) as exc:
+            raise ConfigError(str(exc)) from exc
+        return trainer.run()
+
+    def run(self) -> dict[str, Any]:
+        if self.state == "done":
+            return json.loads((self.run_dir / "final.json").read_text())
+        self.build()
+        start_epoch, best_top1 = 0, -1.0
+        if self.resume_from is not None:
+            start_epoch, best_top1 = self.restore(self.resume_from)
+            self.resume_from = None
+        plan = self.plan()
+        if plan.main:
+            self.write_run_files(start_epoch)
+        self.wait_for_ranks()
+        final = {**run_epochs(self, plan, self.run_dir, start_epoch, best_top1), **self.final_fields()}
+        if plan.main:
+            self.save_final_weights()
+            write_json(self.run_dir / "final.json", final)  # last: the member is done
+        self.wait_for_ranks()
+        return final
