@@ -1,10 +1,11 @@
 """Per-image training cost and peak memory of a network at 56x56 (both stems) against 224x224.
 
-    python bench/bench_train_cost.py                       # CPU: resnet34, batch 16, medians of 5 steps
+    python bench/bench_train_cost.py --batch 64 --rounds 3 # CPU: resnet34, median step of 3 rounds
     python bench/bench_train_cost.py --device cuda --batch 256 --amp   # GPU: bf16 autocast, channels_last
     python bench/bench_train_cost.py --flops               # forward GFLOPs per image, every model x stem
 
-Each configuration runs in its own process so peak memory is its own: on CUDA the allocator's
+Each configuration runs in its own process so peak memory is its own (a round runs the three one
+after another; ratios are taken within a round, then the median over rounds is reported): on CUDA the allocator's
 peak (max_memory_allocated), on the CPU the growth of peak RSS over the process's RSS before the
 first step (activations, gradients, optimizer state).
 """
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet34")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--flops", action="store_true")
@@ -112,22 +114,29 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.one[0], int(args.one[1]), args.batch, args.steps,
                                  args.device, args.amp)))
         return
-    results = []
-    for stem, size in CONFIGS:
-        command = [sys.executable, __file__, "--one", stem, str(size), "--model", args.model, "--batch",
-                   str(args.batch), "--steps", str(args.steps), "--device", args.device]
-        output = subprocess.run(command + (["--amp"] if args.amp else []), check=True, capture_output=True,
-                                text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-    base = results[0]
-    print(f"{args.model}, batch {args.batch}, {args.device}{' bf16' if args.amp else ''}")
+    rounds = []
+    for _ in range(args.rounds):
+        results = []
+        for stem, size in CONFIGS:
+            command = [sys.executable, __file__, "--one", stem, str(size), "--model", args.model, "--batch",
+                       str(args.batch), "--steps", str(args.steps), "--device", args.device]
+            output = subprocess.run(command + (["--amp"] if args.amp else []), check=True, capture_output=True,
+                                    text=True).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
+        for row in results:
+            row["cost_ratio"] = row["ms_per_image"] / results[0]["ms_per_image"]
+            row["memory_ratio"] = row["peak_mb"] / results[0]["peak_mb"]
+        rounds.append(results)
+    print(json.dumps(rounds, indent=1), file=sys.stderr)
+    print(f"{args.model}, batch {args.batch}, {args.device}{' bf16' if args.amp else ''}, "
+          f"median of {args.rounds} round(s)")
     print("| input | ms/image | images/s | peak MB | cost vs 224 | memory vs 224 |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for row in results:
-        print(f"| {row['stem']} stem @{row['size']} | {row['ms_per_image']:.3f} | {row['images_per_s']:.0f} | "
-              f"{row['peak_mb']:.0f} | {row['ms_per_image'] / base['ms_per_image']:.3f} | "
-              f"{row['peak_mb'] / base['peak_mb']:.3f} |")
-
+    for i, (stem, size) in enumerate(CONFIGS):
+        median = {key: statistics.median(r[i][key] for r in rounds)
+                  for key in ("ms_per_image", "images_per_s", "peak_mb", "cost_ratio", "memory_ratio")}
+        print(f"| {stem} stem @{size} | {median['ms_per_image']:.3f} | {median['images_per_s']:.0f} | "
+              f"{median['peak_mb']:.0f} | {median['cost_ratio']:.3f} | {median['memory_ratio']:.3f} |")
 
 if __name__ == "__main__":
     main()
