@@ -25,7 +25,7 @@ from . import decompose, encode, resize
 from .decode import RejectedInput, SizeLimits, decode_image
 from .reader import SourceReader
 from .storage import Location, atomic_output, write_bytes, write_json
-from .tarwriter import TarShardWriter, member_bytes
+from .tarwriter import MemberHeader, TarShardWriter, member_bytes, padding
 
 STAGES = ("read", "decode", "resize", "decompose", "encode", "write")
 
@@ -150,12 +150,15 @@ def write_shard(task: ShardTask) -> dict:
                 {"class": row["class"], "height": height, "src": source, "width": width}, sort_keys=True
             ).encode()
             meta_member = member_bytes(f"{key}.json", meta)
-            # Members in sorted name order, as webdataset's TarWriter writes them; one write per sample.
-            image_name = f"{key}.{extension}"
+            # Members in sorted name order, as webdataset's TarWriter writes them. The image's header differs
+            # between sub-datasets only in its size field.
+            image_header = MemberHeader(f"{key}.{extension}")
             for writer, image in zip(writers, images, strict=True):
-                image_member = member_bytes(image_name, image)
-                members = (label, image_member, meta_member) if image_first else (label, meta_member, image_member)
-                writer.write_raw(b"".join(members))
+                image_parts = (image_header(len(image)), image, padding(len(image)))
+                if image_first:
+                    writer.write_parts(label, *image_parts, meta_member)
+                else:
+                    writer.write_parts(label, meta_member, *image_parts)
             sample_encoder.seconds["write"] += clock() - write_start
             _record(status, key, None, None, width, height)
         for writer in writers:

@@ -90,7 +90,7 @@ def atomic_output(loc: Location) -> Iterator[Any]:
     filesystem.create_dir(directory, recursive=True)
     staging = posixpath.join(directory, f".{name}.partial")
     if isinstance(filesystem, pafs.LocalFileSystem):  # Python's buffered file: cheaper per small write
-        stream = open(staging, "wb", buffering=1 << 20)  # noqa: SIM115 - closed below, on every path
+        stream = open(staging, "wb", buffering=1 << 17)  # noqa: SIM115 - closed below, on every path
     else:
         stream = filesystem.open_output_stream(staging, compression=None, buffer_size=1 << 20)
     try:

@@ -28,21 +28,36 @@ def _template() -> bytes:
 
 _TEMPLATE = _template()
 _TEMPLATE_SUM = sum(_TEMPLATE)
+_ZEROS = memoryview(bytes(BLOCK))
+
+
+class MemberHeader:
+    """Headers of members that share a name (one key's image in the N sub-datasets): only the size varies."""
+
+    def __init__(self, name: str) -> None:
+        encoded = name.encode("ascii")
+        if len(encoded) > 100:
+            raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+        self._named = bytearray(_TEMPLATE)
+        self._named[0 : len(encoded)] = encoded
+        self._sum = _TEMPLATE_SUM + sum(encoded)
+
+    def __call__(self, size: int) -> bytearray:
+        size_field = b"%011o\x00" % size
+        header = bytearray(self._named)
+        header[124:136] = size_field
+        header[148:155] = b"%06o\x00" % (self._sum + sum(size_field))
+        return header
+
+
+def padding(size: int) -> memoryview:
+    """The zero bytes that take a member of ``size`` bytes to a whole block."""
+    return _ZEROS[: -size % BLOCK]
 
 
 def member_bytes(name: str, data: bytes) -> bytes:
     """Header + data + zero padding of one regular-file member named ``name`` (ASCII, ≤ 100 bytes)."""
-    encoded = name.encode("ascii")
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    size_field = b"%011o\x00" % len(data)
-    header = bytearray(_TEMPLATE)
-    header[0 : len(encoded)] = encoded
-    header[124:136] = size_field
-    checksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)
-    header[148:155] = b"%06o\x00" % checksum
-    padding = -len(data) % BLOCK
-    return b"".join((header, data, b"\x00" * padding))
+    return b"".join((MemberHeader(name)(len(data)), data, padding(len(data))))
 
 
 class TarShardWriter:
@@ -59,6 +74,13 @@ class TarShardWriter:
 
     def add(self, name: str, data: bytes) -> None:
         self.write_raw(member_bytes(name, data))
+
+    def write_parts(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Write pieces of rendered members (headers, data, padding) without joining them first."""
+        write = self._stream.write
+        for part in parts:
+            write(part)
+            self.bytes_written += len(part)
 
     def finish(self) -> None:
         end = 2 * BLOCK
