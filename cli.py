@@ -17,6 +17,8 @@ import importlib
 import signal
 import sys
 
+from train import stopping
+
 # name -> (module, one-line help). Order is the order of the chain.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipeline.prepare_cli", "split a corpus into N aligned WebDataset sub-datasets"),
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     # Batch schedulers pre-empt with SIGTERM: unwind normally (Ray shut down, files closed; every
     # output is written atomically), so rerunning the same command resumes where this one stopped.
-    raise SystemExit(f"{signal.Signals(signum).name} received: stopped; rerun the same command to resume")
+    message = f"{signal.Signals(signum).name} received: stopped; rerun the same command to resume"
+    stopping.request(message)  # in case the exception below lands where Python drops it
+    raise SystemExit(message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,24 @@ def test_sigterm_during_prepare_then_rerun_completes(executor: str, sample_root:
     assert_same_tree(out, uninterrupted_prepare)
 
 
+def test_a_sigterm_python_drops_still_stops_training_at_the_next_step(monkeypatch) -> None:
+    import torch
+
+    import cli
+    from train import stopping
+    from train.progress import EpochProgress
+
+    monkeypatch.setattr(stopping, "_requested", None)  # restored after the test: other tests train in-process
+
+    class DroppedHere:  # like logging's at-fork callback, where a DataLoader fork once swallowed the signal
+        def __del__(self) -> None:
+            cli._exit_on_sigterm(signal.SIGTERM, None)
+
+    DroppedHere()  # its SystemExit is printed as "Exception ignored in ..." and lost
+    with pytest.raises(SystemExit, match="SIGTERM received: stopped; rerun the same command to resume"):
+        EpochProgress(10, "sub-00 1/1", enabled=False, world=1).step(torch.tensor(1.0), 0.1, 8)
+
+
 @pytest.mark.slow
 def test_sigterm_during_train_then_resume_completes(sample_root: Path, tmp_path: Path) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"

@@ -8,6 +8,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from train import stopping
+
 _REFRESH_STEPS = 10  # reading the loss is a CPU-GPU sync point: do it every few steps only
 
 
@@ -21,6 +23,7 @@ class EpochProgress:
         self.steps = 0
 
     def step(self, loss: torch.Tensor, lr: float, images: int) -> None:
+        stopping.check()  # both backends call this after every optimizer step: a safe point to stop
         self.steps += 1
         self.images += images * self.world
         if self.bar.disable:
