@@ -67,16 +67,11 @@ class TarShardWriter:
         self._stream = stream
         self.bytes_written = 0
 
-    def write_raw(self, blob: bytes) -> None:
-        """Write members already rendered by :func:`member_bytes` (shared across sub-datasets)."""
-        self._stream.write(blob)
-        self.bytes_written += len(blob)
-
     def add(self, name: str, data: bytes) -> None:
-        self.write_raw(member_bytes(name, data))
+        self.write_parts(member_bytes(name, data))
 
     def write_parts(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Write pieces of rendered members (headers, data, padding) without joining them first."""
+        """Write rendered members, or pieces of them (header, data, padding), without joining them first."""
         write = self._stream.write
         for part in parts:
             write(part)
@@ -85,4 +80,4 @@ class TarShardWriter:
     def finish(self) -> None:
         end = 2 * BLOCK
         end += -(self.bytes_written + end) % RECORD
-        self.write_raw(b"\x00" * end)
+        self.write_parts(b"\x00" * end)

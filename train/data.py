@@ -252,7 +252,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _slot()
-        for images, labels, skipped in self.slot_batches(worker, workers):
+        for images, labels, skipped in self.pipeline(worker, workers):
             yield _as_torch(images, labels, skipped)
 
     def pipeline(self, worker: int, workers: int) -> wds.DataPipeline:
@@ -276,11 +276,6 @@ class TrainStream(IterableDataset):
                     max_batches=quota, drop_last=True, stats=stats),
             wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
         )
-
-    def slot_batches(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """This rank's batches for loader worker ``worker`` of ``workers``, as numpy (images, labels, skipped)."""
-        return iter(self.pipeline(worker, workers))
-
 
 class EvalStream(IterableDataset):
     """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint import CheckpointError, same_file_as, write_json
+from train.checkpoint import CheckpointError, same_file_as, write_json, write_text
 from train.config import ConfigError, Recipe
 from train.progress import EpochProgress
 from train.storage import DataError
@@ -53,13 +53,25 @@ def batches_per_epoch(card: dict[str, Any], batch: int, world: int) -> int:
     return batches
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(run_dir: Path, kept_epochs: int) -> None:
+    """Drop metrics.jsonl lines of epochs after the checkpoint (a run killed between logging and checkpointing)."""
+    path = run_dir / METRICS_FILE
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True)
+                 if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
+        write_text(path, "".join(lines))
+
+
 class EpochLog:
     """metrics.jsonl, TensorBoard scalars and one summary line on stderr per epoch."""
 
     def __init__(self, run_dir: Path, prefix: str) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
 
-        self.metrics = run_dir / "metrics.jsonl"
+        self.metrics = run_dir / METRICS_FILE
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
         self.prefix = prefix
 
@@ -77,43 +89,6 @@ class EpochLog:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def run_epochs(steps: MemberRun, plan: EpochPlan, run_dir: Path, start_epoch: int,
-               best_top1: float) -> dict[str, Any]:
-    """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
-
-    ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
-    ``last`` checkpoint saved in the same epoch.
-    """
-    prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
-    log = EpochLog(run_dir, prefix) if plan.main else None
-    last_eval: dict[str, Any] = {}
-    started = time.perf_counter()
-    for epoch in range(start_epoch, plan.epochs):
-        bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
-                            enabled=plan.main and plan.progress, world=plan.world)
-        line: dict[str, Any] = {"epoch": epoch + 1, **steps.train_epoch(epoch, bar)}
-        bar.close()
-        if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
-            last_eval = steps.validate()
-            line.update(last_eval)
-        if log is not None:
-            log.write(line)
-            improved = "top1" in line and line["top1"] > best_top1
-            best_top1 = max(best_top1, line.get("top1", best_top1))
-            if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
-                last = steps.save_last(epoch, best_top1)
-                if improved:
-                    same_file_as(last, last.with_name("best" + last.suffix))
-        steps.wait_for_ranks()
-    if not last_eval:  # resumed after the last epoch had finished but before final.json
-        last_eval = steps.validate()
-    if log is not None:
-        log.close()
-    return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
-            "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
-            "train_seconds": time.perf_counter() - started}
 
 
 class MemberRun(ABC):
@@ -183,9 +158,44 @@ class MemberRun(ABC):
         if plan.main:
             self.write_run_files(start_epoch)
         self.wait_for_ranks()
-        final = {**run_epochs(self, plan, self.run_dir, start_epoch, best_top1), **self.final_fields()}
+        final = {**self._epochs(plan, start_epoch, best_top1), **self.final_fields()}
         if plan.main:
             self.save_final_weights()
             write_json(self.run_dir / "final.json", final)  # last: the member is done
         self.wait_for_ranks()
         return final
+
+    def _epochs(self, plan: EpochPlan, start_epoch: int, best_top1: float) -> dict[str, Any]:
+        """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
+
+        ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
+        ``last`` checkpoint saved in the same epoch.
+        """
+        prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
+        log = EpochLog(self.run_dir, prefix) if plan.main else None
+        last_eval: dict[str, Any] = {}
+        started = time.perf_counter()
+        for epoch in range(start_epoch, plan.epochs):
+            bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
+                                enabled=plan.main and plan.progress, world=plan.world)
+            line: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
+            bar.close()
+            if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
+                last_eval = self.validate()
+                line.update(last_eval)
+            if log is not None:
+                log.write(line)
+                improved = "top1" in line and line["top1"] > best_top1
+                best_top1 = max(best_top1, line.get("top1", best_top1))
+                if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
+                    last = self.save_last(epoch, best_top1)
+                    if improved:
+                        same_file_as(last, last.with_name("best" + last.suffix))
+            self.wait_for_ranks()
+        if not last_eval:  # resumed after the last epoch had finished but before final.json
+            last_eval = self.validate()
+        if log is not None:
+            log.close()
+        return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
+                "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
+                "train_seconds": time.perf_counter() - started}

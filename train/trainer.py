@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from train.data import EvalStream, TrainStream, make_loader, read_card, sample_s
 from train.distributed import DistInfo, barrier
 from train.ebv import generate_ebv
 from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch, truncate_metrics
 from train.models import SubNetwork, create_model
 from train.progress import EpochProgress
 
@@ -213,7 +212,7 @@ class MemberTrainer(MemberRun):
         ckpt.write_json(self.run_dir / "run.json", self.meta)
         if self.state == "resume":
             ckpt.verify_basis(self.run_dir, self.model)
-            _truncate_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+            truncate_metrics(self.run_dir, start_epoch)
         else:
             ckpt.save_basis(self.run_dir, self.model)
 
@@ -255,14 +254,6 @@ class MemberTrainer(MemberRun):
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": self.ema is not None}
-
-
-def _truncate_metrics(path: Path, kept_epochs: int) -> None:
-    """Drop lines of epochs after the checkpoint (a run killed between logging and checkpointing)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines(keepends=True)
-                 if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
-        ckpt.write_text(path, "".join(lines))
 
 
 def _nothing() -> None:

@@ -40,7 +40,7 @@ class TrainBatches:
         worker, position = index % self.workers, index // self.workers
         batches, next_position = self._slots.get(worker, (None, -1))
         if batches is None or next_position != position:
-            batches = self.stream.slot_batches(worker, self.workers)
+            batches = iter(self.stream.pipeline(worker, self.workers))
             for _ in range(position):
                 next(batches)
         images, labels, skipped = next(batches)

@@ -22,7 +22,7 @@ from train import checkpoint as torch_ckpt
 from train.config import ConfigError, Recipe, dump_yaml
 from train.data import EvalStream, read_card, shard_uris
 from train.engine import lr_factor, mix_batch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch, truncate_metrics
 from train.mindspore import checkpoint as ckpt
 from train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from train.mindspore.ebv import generate_basis
@@ -30,7 +30,7 @@ from train.mindspore.models import create_model, ebv_basis_of
 from train.mindspore.runtime import Runtime
 from train.mindspore.step import EvalStep, SoftTargetLoss, TrainStep, apply_precision, build_optimizer, precision_for
 from train.progress import EpochProgress
-from train.trainer import _truncate_metrics, run_meta
+from train.trainer import run_meta
 
 _EVAL_BATCH = 512
 _UNSUPPORTED = {"ema_decay": "train.ema_decay > 0 (EMA weights)"}
@@ -149,7 +149,7 @@ class MindSporeTrainer(MemberRun):
         torch_ckpt.write_json(self.run_dir / "run.json", self.meta)
         if self.state == "resume":
             ckpt.verify_basis(self.run_dir, ebv_basis_of(self.model))
-            _truncate_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+            truncate_metrics(self.run_dir, start_epoch)
         else:
             ckpt.save_basis(self.run_dir, ebv_basis_of(self.model))
 
