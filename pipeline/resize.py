@@ -46,9 +46,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     C data interface (Pillow ≥ 11.2 exports it); ``np.asarray`` would copy 450 KB per 336×336 image."""
     if image.mode in ("RGBX", "RGBA") and hasattr(image, "__arrow_c_array__"):
         try:
-            values = pa.array(image).flatten()
+            exported = pa.array(image)  # fixed_size_list<uint8>[4], one entry per pixel
         except (ValueError, TypeError, pa.ArrowException):  # e.g. an image held in several memory blocks
             return np.asarray(image)
-        data = np.frombuffer(values.buffers()[1], np.uint8, count=image.width * image.height * 4)
+        if exported.offset or exported.null_count:
+            return np.asarray(image)
+        # .values is the child array as it is; .flatten() would copy it (~0.1-0.25 ms per 336×336 here).
+        data = np.frombuffer(exported.values.buffers()[1], np.uint8, count=image.width * image.height * 4)
         return data.reshape(image.height, image.width, 4)
     return np.asarray(image)
