@@ -1,7 +1,9 @@
 """Encode one sub-image (or DCT band) to the bytes of a sample's image member. Pure.
 
 jpg uses libjpeg-turbo through simplejpeg (≈ 2× Pillow per 56×56 encode, measured in
-bench/bench_prepare.py); png and webp use Pillow; npy is numpy's own format.
+bench/bench_prepare.py); png and webp use Pillow; npy is numpy's own format. When the C extension
+``pipeline._splitjpeg`` is built (setup.py), :func:`split_jpeg_encoder` splits and encodes all N
+components in one call: the same bytes, ~10 % less encode time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from collections.abc import Callable
 import numpy as np
 import simplejpeg
 from PIL import Image, features
+
+try:  # optional: setup.py skips it where libjpeg-turbo's headers or a C compiler are missing
+    from . import _splitjpeg
+except ImportError:
+    _splitjpeg = None
 
 FORMATS = ("jpg", "png", "webp", "npy")
 
@@ -47,3 +54,25 @@ def encoder(image_format: str, quality: int) -> Callable[[np.ndarray], bytes]:
         Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").save(buffer, pil_format, **options)
         return buffer.getvalue()
     return encode_with_pillow
+
+
+def jpeg_library() -> str:
+    """Which code encodes JPEG components, for logs: the C extension or simplejpeg."""
+    if _splitjpeg is not None:
+        return f"pipeline._splitjpeg (libjpeg-turbo, libjpeg API {_splitjpeg.LIBJPEG_VERSION})"
+    return f"simplejpeg {simplejpeg.__version__}"
+
+
+def split_jpeg_encoder(quality: int) -> Callable[[np.ndarray, int], list[bytes]] | None:
+    """(S, S, C) uint8 image, grid r → the JPEGs of its r² polyphase components, in one C call.
+
+    Byte for byte what ``encoder("jpg", quality)`` gives for each component of ``decompose(image, r)``
+    (tests/test_splitjpeg.py); None when ``pipeline._splitjpeg`` is not built.
+    """
+    if _splitjpeg is None:
+        return None
+
+    def encode_components(image: np.ndarray, grid: int) -> list[bytes]:
+        pixels = np.ascontiguousarray(image, dtype=np.uint8)
+        return _splitjpeg.encode_components(pixels, pixels.shape[0], pixels.shape[2], grid, quality)
+    return encode_components

@@ -109,7 +109,7 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
                 "scripts/setup.sh installs pillow-simd")
         log(f"prepare: {plan.rows.num_rows} images, {len(plan.classes)} classes → {options.spec.split} sub-datasets "
             f"under {out.uri}; {len(pending)} shard(s) to write, {runner.parallelism if runner else 1} worker(s), "
-            f"{pil_flavour()}")
+            f"{pil_flavour()}, JPEG encoder {encode.jpeg_library()}")
         work_started = time.perf_counter()
         seconds = _run_shards(mapper, pending)
         elapsed = time.perf_counter() - work_started

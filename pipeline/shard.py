@@ -83,6 +83,9 @@ class SampleEncoder:
     def __init__(self, spec: SampleSpec) -> None:
         self.spec = spec
         self._encode = encode.encoder(spec.image_format, spec.quality)
+        # Split and encode in one C call where it can: same bytes, less time (timed as "encode").
+        use_split = spec.image_format == "jpg" and spec.transform == "none"
+        self._split_encode = encode.split_jpeg_encoder(spec.quality) if use_split else None
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._scratch = bytearray()  # the decoder's output buffer, reused image after image
         self._minimum = functools.partial(resize.decoded_minimum, size=spec.image_size, mode=spec.resize_mode)
@@ -102,6 +105,10 @@ class SampleEncoder:
         square, width, height = self.square(data)
         clock = time.perf_counter
         start = clock()
+        if self._split_encode is not None:
+            encoded = self._split_encode(square, self.spec.grid)
+            self.seconds["encode"] += clock() - start
+            return encoded, width, height
         parts = decompose.decompose(square, self.spec.grid)
         if self.spec.transform == "dct":
             parts = decompose.dct_forward(parts[..., :3])

@@ -1,0 +1,14 @@
+"""Builds the optional C extension ``pipeline._splitjpeg``; everything else is in pyproject.toml.
+
+It links the system libjpeg-turbo (Debian: libjpeg62-turbo-dev). Where that or a C compiler is
+missing the build is skipped with a warning, and the pipeline encodes through simplejpeg instead:
+the same bytes, ~0.3 ms slower per image (BENCHMARKS.md).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("pipeline._splitjpeg", ["pipeline/_splitjpeg.c"], libraries=["jpeg"], optional=True),
+    ]
+)
