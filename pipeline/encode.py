@@ -63,16 +63,25 @@ def jpeg_library() -> str:
     return f"simplejpeg {simplejpeg.__version__}"
 
 
-def split_jpeg_encoder(quality: int) -> Callable[[np.ndarray, int], list[bytes]] | None:
-    """(S, S, C) uint8 image, grid r → the JPEGs of its r² polyphase components, in one C call.
+def split_jpeg_encoder(quality: int) -> Callable[[np.ndarray | Image.Image, int], list[bytes]] | None:
+    """S×S image, grid r → the JPEGs of its r² polyphase components, in one C call.
 
-    Byte for byte what ``encoder("jpg", quality)`` gives for each component of ``decompose(image, r)``
+    The image is an (S, S, C) uint8 array (C = 3, or 4 with the 4th byte ignored) or an RGB/RGBX Pillow
+    image, which is read in place through its Arrow export (no copy, no pyarrow). Byte for byte what
+    ``encoder("jpg", quality)`` gives for each component of ``decompose(pixels, r)``
     (tests/test_splitjpeg.py); None when ``pipeline._splitjpeg`` is not built.
     """
     if _splitjpeg is None:
         return None
 
-    def encode_components(image: np.ndarray, grid: int) -> list[bytes]:
+    def encode_components(image: np.ndarray | Image.Image, grid: int) -> list[bytes]:
+        if isinstance(image, Image.Image):
+            if image.mode in ("RGB", "RGBX") and hasattr(image, "__arrow_c_array__"):
+                try:
+                    return _splitjpeg.encode_image_components(*image.__arrow_c_array__(), image.width, grid, quality)
+                except ValueError:  # not square, or not exported in one block: go through numpy
+                    pass
+            image = np.asarray(image.convert("RGB"))
         pixels = np.ascontiguousarray(image, dtype=np.uint8)
         return _splitjpeg.encode_components(pixels, pixels.shape[0], pixels.shape[2], grid, quality)
     return encode_components

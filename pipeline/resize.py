@@ -24,6 +24,11 @@ def decoded_minimum(width: int, height: int, size: int, mode: str) -> tuple[int,
 
 def resize_square(image: Image.Image, size: int, mode: str) -> np.ndarray:
     """(H, W) RGB/RGBX image → (size, size, C) uint8 array (C = 4 for RGBX input, 3 for RGB)."""
+    return pixels(resize_image(image, size, mode))
+
+
+def resize_image(image: Image.Image, size: int, mode: str) -> Image.Image:
+    """(H, W) RGB/RGBX image → the size×size image, in the same mode."""
     width, height = image.size
     if mode == "center-crop":
         side = min(width, height)
@@ -38,7 +43,7 @@ def resize_square(image: Image.Image, size: int, mode: str) -> np.ndarray:
         out.paste(image.resize(inner, Image.Resampling.BICUBIC), ((size - inner[0]) // 2, (size - inner[1]) // 2))
     else:
         raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
-    return pixels(out)
+    return out
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from schemas.tables import STATUS_SCHEMA
 
@@ -91,24 +92,29 @@ class SampleEncoder:
         self._minimum = functools.partial(resize.decoded_minimum, size=spec.image_size, mode=spec.resize_mode)
 
     def square(self, data: bytes) -> tuple[np.ndarray, int, int]:
-        """Decode and resize: the S×S image (RGBX for JPEG, else RGB) and the original width and height."""
+        """Decode and resize: the S×S pixels (RGBX for JPEG, else RGB) and the original width and height."""
+        image, width, height = self._square_image(data)
+        return resize.pixels(image), width, height
+
+    def _square_image(self, data: bytes) -> tuple[Image.Image, int, int]:
         clock = time.perf_counter
         start = clock()
         decoded = decode_image(data, self._minimum, self.spec.limits, self._scratch)
         decoded_at = clock()
-        square = resize.resize_square(decoded.image, self.spec.image_size, self.spec.resize_mode)
+        image = resize.resize_image(decoded.image, self.spec.image_size, self.spec.resize_mode)
         self.seconds["decode"] += decoded_at - start
         self.seconds["resize"] += clock() - decoded_at
-        return square, decoded.width, decoded.height
+        return image, decoded.width, decoded.height
 
     def __call__(self, data: bytes) -> tuple[list[bytes], int, int]:
-        square, width, height = self.square(data)
+        image, width, height = self._square_image(data)
         clock = time.perf_counter
         start = clock()
-        if self._split_encode is not None:
-            encoded = self._split_encode(square, self.spec.grid)
+        if self._split_encode is not None:  # reads the Pillow image in place
+            encoded = self._split_encode(image, self.spec.grid)
             self.seconds["encode"] += clock() - start
             return encoded, width, height
+        square = resize.pixels(image)
         parts = decompose.decompose(square, self.spec.grid)
         if self.spec.transform == "dct":
             parts = decompose.dct_forward(parts[..., :3])

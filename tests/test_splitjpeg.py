@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import simplejpeg
 from conftest import photo_like
+from PIL import Image
 from skimage import data as skdata
 
 from pipeline import decompose, encode
@@ -75,6 +76,24 @@ def test_strided_input_is_copied_not_misread(split_encode_95):
     wide = rgbx(skdata.astronaut())
     view = wide[100:436, 50:386]  # not contiguous
     assert split_encode_95(view, 6) == reference(np.ascontiguousarray(view), 6, 95)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBX"])
+def test_pillow_images_are_read_in_place_with_the_same_bytes(split_encode_95, mode):
+    rgb = skdata.astronaut()[:336, :336]
+    image = Image.fromarray(rgb).convert(mode)
+    assert split_encode_95(image, 6) == reference(rgb, 6, 95)
+
+
+def test_exports_it_cannot_read_in_place_are_refused():
+    from pipeline import _splitjpeg
+
+    grey = Image.new("L", (336, 336))  # exported as plain uint8, not fixed_size_list<uint8>[4]
+    with pytest.raises(ValueError, match="fixed_size_list"):
+        _splitjpeg.encode_image_components(*grey.__arrow_c_array__(), 336, 6, 95)
+    wide = Image.new("RGBX", (336, 300))
+    with pytest.raises(ValueError, match="encode_image_components"):
+        _splitjpeg.encode_image_components(*wide.__arrow_c_array__(), 336, 6, 95)
 
 
 def test_bad_arguments_are_a_clear_error():
