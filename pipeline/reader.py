@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -16,10 +17,11 @@ class SourceReader:
         self._max_open = max_open
 
     def read(self, source: str, offset: int, size: int) -> bytes:
+        """The whole file when ``offset`` < 0 (``size``, the listed size or -1, only sizes the first read),
+        else ``size`` bytes at ``offset`` of a container tar."""
         if offset < 0:
-            if "://" not in source:  # a local path: Python's open costs a third of pyarrow's here
-                with open(source, "rb") as handle:
-                    return handle.read()
+            if "://" not in source:
+                return _read_local_file(source, size)
             filesystem, path = Location(source).resolve()
             with filesystem.open_input_file(path) as handle:
                 return handle.read()
@@ -44,3 +46,22 @@ class SourceReader:
         for handle in self._open.values():
             handle.close()
         self._open.clear()
+
+
+def _read_local_file(path: str, size_hint: int) -> bytes:
+    """A local file's bytes with four system calls (open, read, read to confirm the end, close).
+
+    Python's ``open(path, "rb").read()`` makes nine here (two fstat, an isatty ioctl, two lseek), and
+    each costs microseconds on these VMs. The file is read to its end whatever ``size_hint`` says, so a
+    file that changed since listing is read whole.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        request = size_hint + 1 if size_hint >= 0 else 1 << 20
+        while chunk := os.read(fd, request):
+            chunks.append(chunk)
+            request = 1 << 20
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
