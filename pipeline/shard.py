@@ -26,7 +26,7 @@ from . import decompose, encode, resize
 from .decode import RejectedInput, SizeLimits, decode_image
 from .reader import SourceReader
 from .storage import Location, atomic_output, write_bytes, write_json
-from .tarwriter import MemberHeader, TarShardWriter, member_bytes, padding
+from .tarwriter import BLOCK, MemberHeader, TarShardWriter, member_bytes, padding
 
 STAGES = ("read", "decode", "resize", "decompose", "encode", "write")
 
@@ -165,9 +165,9 @@ def write_shard(task: ShardTask) -> dict:
             meta_member = member_bytes(f"{key}.json", meta)
             # Members in sorted name order, as webdataset's TarWriter writes them. The image's header differs
             # between sub-datasets only in its size field.
-            image_header = MemberHeader(f"{key}.{extension}")
-            for writer, image in zip(writers, images, strict=True):
-                image_parts = (image_header(len(image)), image, padding(len(image)))
+            headers = MemberHeader(f"{key}.{extension}").many([len(image) for image in images])
+            for k, (writer, image) in enumerate(zip(writers, images, strict=True)):
+                image_parts = (headers[k * BLOCK : (k + 1) * BLOCK], image, padding(len(image)))
                 if image_first:
                     writer.write_parts(label, *image_parts, meta_member)
                 else:

@@ -8,7 +8,10 @@ byte-identical shards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import BinaryIO
+
+import numpy as np
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # archives end padded to a whole record, as GNU tar and Python's tarfile do
@@ -26,6 +29,8 @@ def _template() -> bytes:
     return bytes(header)
 
 
+_SIZE_SHIFTS = np.arange(30, -1, -3)
+_CHECKSUM_SHIFTS = np.arange(15, -1, -3)
 _TEMPLATE = _template()
 _TEMPLATE_SUM = sum(_TEMPLATE)
 _ZEROS = memoryview(bytes(BLOCK))
@@ -48,6 +53,20 @@ class MemberHeader:
         header[124:136] = size_field
         header[148:155] = b"%06o\x00" % (self._sum + sum(size_field))
         return header
+
+    def many(self, sizes: Sequence[int]) -> memoryview:
+        """The headers for each of ``sizes`` at once, back to back: block k is ``self(sizes[k])``.
+
+        One numpy pass instead of N Python calls: N = 36 image headers per sample.
+        """
+        counts = np.asarray(sizes, dtype=np.int64)[:, None]
+        headers = np.repeat(np.frombuffer(self._named, np.uint8)[None], len(counts), axis=0)
+        size_digits = ((counts >> _SIZE_SHIFTS) & 7) + ord("0")  # 11 octal digits, then NUL (already 0)
+        headers[:, 124:135] = size_digits
+        checksums = self._sum + size_digits.sum(axis=1, keepdims=True)
+        headers[:, 148:154] = ((checksums >> _CHECKSUM_SHIFTS) & 7) + ord("0")  # 6 digits, NUL, space
+        headers[:, 154] = 0
+        return memoryview(headers.reshape(-1))
 
 
 def padding(size: int) -> memoryview:

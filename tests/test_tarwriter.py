@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from pipeline.tarwriter import TarShardWriter, member_bytes
+from pipeline.tarwriter import BLOCK, MemberHeader, TarShardWriter, member_bytes, padding
 
 
 def write(samples):
@@ -47,3 +47,21 @@ def test_webdataset_groups_members_into_samples(tmp_path):
 def test_names_longer_than_ustar_allows_are_refused():
     with pytest.raises(ValueError, match="longer than 100"):
         member_bytes("x" * 101, b"")
+
+
+def test_batched_headers_equal_single_headers_and_read_back():
+    header = MemberHeader("n01440764_10026.jpg")
+    sizes = [0, 1, 511, 512, 513, 3054, 8**6 - 1, 8**6, 8**10, 8**11 - 1]
+    batch = header.many(sizes)
+    assert len(batch) == BLOCK * len(sizes)
+    assert [bytes(batch[k * BLOCK : (k + 1) * BLOCK]) for k in range(len(sizes))] == [bytes(header(s)) for s in sizes]
+    small = [s for s in sizes if s < 1 << 16]
+    buffer = io.BytesIO()
+    writer = TarShardWriter(buffer)
+    blocks = header.many(small)
+    for k, size in enumerate(small):
+        payload = bytes([k]) * size
+        writer.write_parts(blocks[k * BLOCK : (k + 1) * BLOCK], payload, padding(size))
+    writer.finish()
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as archive:  # checksums verified on read
+        assert [(m.name, m.size) for m in archive.getmembers()] == [("n01440764_10026.jpg", s) for s in small]
