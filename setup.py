@@ -2,7 +2,7 @@
 
 It links the system libjpeg-turbo (Debian: libjpeg62-turbo-dev). Where that or a C compiler is
 missing the build is skipped with a warning, and the pipeline encodes through simplejpeg instead:
-the same bytes, ~0.3 ms slower per image (BENCHMARKS.md).
+the same bytes, 7–13 % slower per image (BENCHMARKS.md).
 """
 
 from setuptools import Extension, setup

@@ -3,7 +3,7 @@
 jpg uses libjpeg-turbo through simplejpeg (≈ 2× Pillow per 56×56 encode, measured in
 bench/bench_prepare.py); png and webp use Pillow; npy is numpy's own format. When the C extension
 ``pipeline._splitjpeg`` is built (setup.py), :func:`split_jpeg_encoder` splits and encodes all N
-components in one call: the same bytes, ~10 % less encode time (BENCHMARKS.md).
+components in one call: the same bytes, 7–13 % less time per image (BENCHMARKS.md).
 """
 
 from __future__ import annotations
