@@ -56,6 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline import encode  # noqa: E402
+from pipeline.prepare import pil_flavour  # noqa: E402
+
 CORPUS_VERSION = 1  # bump when the generator changes, so a stale cache is not reused
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "stereo_motorcycle")
@@ -299,7 +302,6 @@ def ours_serial(task, work_dir: Path, extension: bool = True) -> Run:
     """Our per-shard worker, ``write_shard``, on one planned shard in this process: exactly what
     ``prepare(executor="serial")`` runs for each shard between planning and finalising. With
     ``extension=False``, as where ``pipeline._splitjpeg`` is not built."""
-    from pipeline import encode
     from pipeline.shard import write_shard
     from pipeline.storage import location
 
@@ -364,18 +366,6 @@ def malloc_setting() -> str:
     return f"GLIBC_TUNABLES={value}" if value else "glibc default (GLIBC_TUNABLES unset)"
 
 
-def pil_flavour() -> str:
-    from pipeline.prepare import pil_flavour as flavour
-
-    return flavour()
-
-
-def jpeg_library() -> str:
-    from pipeline.encode import jpeg_library as library
-
-    return library()
-
-
 def run_rounds(corpus: Path, work_dir: Path, rounds: int, ray: bool, shard_size: int,
                log: Callable[[str], None]) -> dict[str, list[Run]]:
     """Interleaved measurements: within a round, every in-process pipeline runs on shard 0's images,
@@ -390,8 +380,6 @@ def run_rounds(corpus: Path, work_dir: Path, rounds: int, ray: bool, shard_size:
         "naive": lambda c: naive_pipeline(chunks[c], work_dir),
         "ours-serial": lambda c: ours_serial(tasks[c], work_dir),
     }
-    from pipeline import encode
-
     if encode._splitjpeg is not None:
         in_process["ours-simplejpeg"] = lambda c: ours_serial(tasks[c], work_dir, extension=False)
     whole: dict[str, Callable[[], Run]] = {}
@@ -441,7 +429,7 @@ def summarise(results: dict[str, list[Run]], corpus: Path, args: argparse.Namesp
         "malloc": malloc_setting(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "pil": pil_flavour(), "simplejpeg": _version("simplejpeg"), "ray": _version("ray"),
-                    "jpeg_encoder": jpeg_library(),
+                    "jpeg_encoder": encode.jpeg_library(),
                     "load_average_before": load[0], "load_average_after": load[1]},
         "corpus": _corpus_info(corpus),
         "rounds": args.rounds,

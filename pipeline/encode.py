@@ -15,6 +15,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, features
 
+from . import resize
+
 try:  # optional: setup.py skips it where libjpeg-turbo's headers or a C compiler are missing
     from . import _splitjpeg
 except ImportError:
@@ -76,12 +78,10 @@ def split_jpeg_encoder(quality: int) -> Callable[[np.ndarray | Image.Image, int]
 
     def encode_components(image: np.ndarray | Image.Image, grid: int) -> list[bytes]:
         if isinstance(image, Image.Image):
-            if image.mode in ("RGB", "RGBX") and hasattr(image, "__arrow_c_array__"):
-                try:
-                    return _splitjpeg.encode_image_components(*image.__arrow_c_array__(), image.width, grid, quality)
-                except ValueError:  # not square, or not exported in one block: go through numpy
-                    pass
-            image = np.asarray(image.convert("RGB"))
+            try:
+                return _splitjpeg.encode_image_components(*image.__arrow_c_array__(), image.width, grid, quality)
+            except (AttributeError, ValueError):  # Pillow < 11.2, or not one block of 4-byte pixels
+                image = resize.pixels(image)
         pixels = np.ascontiguousarray(image, dtype=np.uint8)
         return _splitjpeg.encode_components(pixels, pixels.shape[0], pixels.shape[2], grid, quality)
     return encode_components

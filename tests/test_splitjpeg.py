@@ -32,8 +32,9 @@ def split_encode_95():
 
 
 def reference(image: np.ndarray, grid: int, quality: int) -> list[bytes]:
-    colorspace = "RGBX" if image.shape[-1] == 4 else "RGB"
-    return [simplejpeg.encode_jpeg(part, quality, colorspace, "420") for part in decompose.decompose(image, grid)]
+    """The pure-Python path the extension replaces: decompose, then the jpg encoder per component."""
+    encode_jpg = encode.encoder("jpg", quality)
+    return [encode_jpg(part) for part in decompose.decompose(image, grid)]
 
 
 def rgbx(rgb: np.ndarray) -> np.ndarray:

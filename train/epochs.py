@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint import CheckpointError, same_file_as, write_json, write_text
-from train.config import ConfigError, Recipe
+from train.config import ConfigError, Recipe, dump_yaml
 from train.progress import EpochProgress
 from train.storage import DataError
 
@@ -95,7 +95,9 @@ class MemberRun(ABC):
     """``run()`` for a backend's member trainer; the subclass sets the attributes and the hooks below."""
 
     run_dir: Path
-    state: str  # "new" | "resume" | "done" (final.json exists)
+    recipe: Recipe
+    meta: dict[str, Any]  # run.json
+    state: str  # "fresh" | "resume" | "done" (final.json exists)
     resume_from: Any  # the checkpoint to resume from, loaded and checked; None for a new run
 
     @abstractmethod
@@ -110,8 +112,23 @@ class MemberRun(ABC):
         """Load the checkpoint into what ``build`` made; (first epoch to run, best top-1 so far)."""
 
     @abstractmethod
+    def save_basis(self) -> None:
+        """Write the EBV basis the network was built with (no-op for a linear head)."""
+
+    @abstractmethod
+    def verify_basis(self) -> None:
+        """Check the rebuilt network's EBV basis against the one the run saved."""
+
     def write_run_files(self, start_epoch: int) -> None:
         """config.yaml, run.json, the EBV basis; on resume, metrics.jsonl cut back to the checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
+        write_json(self.run_dir / "run.json", self.meta)
+        if self.state == "resume":
+            self.verify_basis()
+            truncate_metrics(self.run_dir, start_epoch)
+        else:
+            self.save_basis()
 
     @abstractmethod
     def train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:

@@ -16,12 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train import checkpoint as ckpt
-from train.config import ConfigError, Recipe, dump_yaml
+from train.config import ConfigError, Recipe
 from train.data import EvalStream, TrainStream, make_loader, read_card, sample_shape, shard_uris
 from train.distributed import DistInfo, barrier
 from train.ebv import generate_ebv
 from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch, truncate_metrics
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch
 from train.models import SubNetwork, create_model
 from train.progress import EpochProgress
 
@@ -206,15 +206,11 @@ class MemberTrainer(MemberRun):
         ckpt.set_rng_state(checkpoint["rng"])
         return int(checkpoint["epoch"]) + 1, float(checkpoint["best_top1"])
 
-    def write_run_files(self, start_epoch: int) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
-        ckpt.write_json(self.run_dir / "run.json", self.meta)
-        if self.state == "resume":
-            ckpt.verify_basis(self.run_dir, self.model)
-            truncate_metrics(self.run_dir, start_epoch)
-        else:
-            ckpt.save_basis(self.run_dir, self.model)
+    def save_basis(self) -> None:
+        ckpt.save_basis(self.run_dir, self.model)
+
+    def verify_basis(self) -> None:
+        ckpt.verify_basis(self.run_dir, self.model)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model

@@ -19,10 +19,10 @@ import torch
 from mindspore import Tensor
 
 from train import checkpoint as torch_ckpt
-from train.config import ConfigError, Recipe, dump_yaml
+from train.config import ConfigError, Recipe
 from train.data import EvalStream, read_card, shard_uris
 from train.engine import lr_factor, mix_batch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch, truncate_metrics
+from train.epochs import EpochPlan, MemberRun, batches_per_epoch
 from train.mindspore import checkpoint as ckpt
 from train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from train.mindspore.ebv import generate_basis
@@ -143,15 +143,11 @@ class MindSporeTrainer(MemberRun):
         ckpt.save_ckpt(self.train_step, path, self.meta, epoch=epoch, best_top1=best_top1)
         return path
 
-    def write_run_files(self, start_epoch: int) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch_ckpt.write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
-        torch_ckpt.write_json(self.run_dir / "run.json", self.meta)
-        if self.state == "resume":
-            ckpt.verify_basis(self.run_dir, ebv_basis_of(self.model))
-            truncate_metrics(self.run_dir, start_epoch)
-        else:
-            ckpt.save_basis(self.run_dir, ebv_basis_of(self.model))
+    def save_basis(self) -> None:
+        ckpt.save_basis(self.run_dir, ebv_basis_of(self.model))
+
+    def verify_basis(self) -> None:
+        ckpt.verify_basis(self.run_dir, ebv_basis_of(self.model))
 
     def train_epoch(self, epoch: int, bar: EpochProgress) -> dict[str, Any]:
         config = self.recipe.train
