@@ -81,6 +81,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the training model
     compile_backend: str = "inductor"  # inductor | aot_eager (no code generation) | eager (graph capture only)
+    fuse: int = 1  # members trained at once as one grouped network (cli.py train --fuse K); 1: one at a time
     seed: int = 0
     deterministic: bool = False
     val_every: int = 1  # validate every n epochs (and always after the last)

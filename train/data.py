@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -136,9 +136,18 @@ def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> I
             stats.skipped += 1
 
 
+def decode_sample(out: np.ndarray, parts: dict[str, Any]) -> int | None:
+    """Decode one webdataset sample into ``out`` (H x W x C); its label, or None when it is unusable."""
+    sample = to_sample(parts["__key__"], parts)
+    if sample is not None and decode_into(out, sample):
+        return sample.label
+    return None
+
+
 def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int, int], dtype: np.dtype,
-                    batch_size: int, max_batches: int | None, drop_last: bool,
-                    stats: StreamStats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+                    batch_size: int, max_batches: int | None, drop_last: bool, stats: StreamStats,
+                    decode: Callable[[np.ndarray, dict[str, Any]], int | None] = decode_sample,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Decode into batch buffers: ``(images N x H x W x C, labels, samples skipped since the last batch)``."""
     made = reported = 0
     while max_batches is None or made < max_batches:
@@ -146,9 +155,9 @@ def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int,
         labels = np.empty(batch_size, np.int64)
         filled = 0
         for parts in samples:
-            sample = to_sample(parts["__key__"], parts)
-            if sample is not None and decode_into(images[filled], sample):
-                labels[filled] = sample.label
+            label = decode(images[filled], parts)
+            if label is not None:
+                labels[filled] = label
                 filled += 1
                 if filled == batch_size:
                     break
@@ -232,6 +241,11 @@ def _as_torch(images: np.ndarray, labels: np.ndarray, skipped: int) -> dict[str,
 class TrainStream(IterableDataset):
     """An epoch of training batches for one DDP rank (``set_epoch`` before each epoch)."""
 
+    # The stages that read a piece's samples and decode one sample; ``train.fused_data`` swaps them to
+    # read K aligned sub-datasets in lockstep (``uris`` then holds a tuple of K URIs per shard).
+    read_samples = staticmethod(piece_samples)
+    decode = staticmethod(decode_sample)
+
     def __init__(self, uris: list[str], card: dict, config: DataConfig, *, batch_size: int,
                  batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
         self.uris = uris
@@ -270,15 +284,18 @@ class TrainStream(IterableDataset):
         return wds.DataPipeline(
             partial(piece_source, self.uris, pieces_for_slot(len(self.uris), slot, slots), stats=stats,
                     rng=random.Random(hash(seed)) if self.config.shuffle_shards else None, forever=quota > 0),
-            partial(piece_samples, stats=stats),
+            partial(self.read_samples, stats=stats),
             *([wds.shuffle(buffer, initial=buffer, rng=random.Random(hash((*seed, 1))))] if buffer > 1 else []),
             partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=quota, drop_last=True, stats=stats),
+                    max_batches=quota, drop_last=True, stats=stats, decode=self.decode),
             wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
         )
 
 class EvalStream(IterableDataset):
     """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""
+
+    read_samples = staticmethod(piece_samples)  # hooks as in TrainStream
+    decode = staticmethod(decode_sample)
 
     def __init__(self, uris: list[str], card: dict, *, batch_size: int, rank: int, world: int) -> None:
         self.uris = uris
@@ -293,9 +310,9 @@ class EvalStream(IterableDataset):
         pieces = pieces_for_slot(len(self.uris), self.rank * workers + worker, self.world * workers)
         pipeline = wds.DataPipeline(
             partial(piece_source, self.uris, pieces, stats=stats),
-            partial(piece_samples, stats=stats),
+            partial(self.read_samples, stats=stats),
             partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=None, drop_last=False, stats=stats),
+                    max_batches=None, drop_last=False, stats=stats, decode=self.decode),
         )
         for images, labels, skipped in pipeline:
             yield _as_torch(images, labels, skipped)

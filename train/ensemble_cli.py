@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
+FUSE_DEFAULT = 36  # members per fused forward pass (train/fused_predict.py); see BENCHMARKS.md "Fused training"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    parser.add_argument("--fuse", type=int, default=FUSE_DEFAULT, metavar="K",
+                        help="run torch members of one architecture K at a time as one grouped network, one "
+                             f"forward pass per batch (default: {FUSE_DEFAULT}; 1: each member on its own)")
 
 
 @dataclass
@@ -132,11 +137,13 @@ def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device
 
 
 def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
-             baseline: Baseline | None, device: torch.device, progress: Any) -> Hits | None:
+             baseline: Baseline | None, device: torch.device, progress: Any,
+             predict: Callable[[list[np.ndarray]], torch.Tensor] | None = None) -> Hits | None:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
     ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
-    Hits (or None). ``progress`` is a tqdm bar.
+    Hits (or None). ``progress`` is a tqdm bar. ``predict(images)``: the members' logits ``[M, B, C]``
+    (train/fused_predict.py fuses members); by default each member's own ``predict``.
     """
     import torch
 
@@ -145,7 +152,10 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
     baseline_hits = Hits() if baseline is not None else None
     for batch in lockstep:
         labels = torch.from_numpy(batch.labels).to(device)
-        logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
+        if predict is None:
+            logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
+        else:
+            logits = predict(batch.images)
         ranked = tally_batch(tally, logits, labels)
         if baseline is not None:
             ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
@@ -208,6 +218,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     from train.data import sample_shape, shard_uris
     from train.distributed import barrier
     from train.ensemble import METHODS, Tally
+    from train.fused_predict import MemberPredictor
     from train.lockstep import Lockstep, Stream
     from train.members import load_member
     from train.report import (
@@ -223,6 +234,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     folders = card["sub_datasets"]
     runs, missing = select_runs(args, card, announce=workers.is_main)
     members = [load_member(run, device) for run in runs]
+    predict = MemberPredictor(members, device, args.fuse)
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shape, dtype = sample_shape(card)
     streams = [
@@ -242,7 +254,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
     try:
         with progress, torch.inference_mode():
-            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress)
+            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress, predict)
     except BaseException:
         writer.close()
         part.unlink(missing_ok=True)  # no half-written predictions left behind
@@ -302,6 +314,8 @@ def _start(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
+    if args.fuse < 1:
+        raise MemberError("--fuse must be at least 1 (1: each member on its own)")
     if not 0.0 < args.p < 1.0:
         raise MemberError(f"--p must lie strictly between 0 and 1, got {args.p}")
     if args.ten_crop and args.baseline is None:

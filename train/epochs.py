@@ -166,6 +166,16 @@ class MemberRun(ABC):
     def run(self) -> dict[str, Any]:
         if self.state == "done":
             return json.loads((self.run_dir / "final.json").read_text())
+        plan, start_epoch, best_top1 = self.begin()
+        book = EpochBook(self, plan, best_top1)
+        self.train_epochs(book, start_epoch, plan.epochs)
+        final = {**book.close(), **self.final_fields()}
+        self.end(plan, final)
+        return final
+
+    # run() in three parts, so that train.fused_trainer can drive K members through one shared epoch loop.
+    def begin(self) -> tuple[EpochPlan, int, float]:
+        """Build, restore the checkpoint, write the run files: (plan, first epoch to run, best top-1 so far)."""
         self.build()
         start_epoch, best_top1 = 0, -1.0
         if self.resume_from is not None:
@@ -175,44 +185,67 @@ class MemberRun(ABC):
         if plan.main:
             self.write_run_files(start_epoch)
         self.wait_for_ranks()
-        final = {**self._epochs(plan, start_epoch, best_top1), **self.final_fields()}
-        if plan.main:
-            self.save_final_weights()
-            write_json(self.run_dir / "final.json", final)  # last: the member is done
-        self.wait_for_ranks()
-        return final
+        return plan, start_epoch, best_top1
 
-    def _epochs(self, plan: EpochPlan, start_epoch: int, best_top1: float) -> dict[str, Any]:
-        """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
-
-        ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
-        ``last`` checkpoint saved in the same epoch.
-        """
-        prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
-        log = EpochLog(self.run_dir, prefix) if plan.main else None
-        last_eval: dict[str, Any] = {}
-        started = time.perf_counter()
-        for epoch in range(start_epoch, plan.epochs):
+    def train_epochs(self, book: EpochBook, start: int, stop: int) -> None:
+        """Train epochs ``start .. stop - 1`` (0-based) on their own, each recorded in ``book``."""
+        plan = book.plan
+        for epoch in range(start, stop):
             bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
                                 enabled=plan.main and plan.progress, world=plan.world)
             line: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
             bar.close()
-            if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
-                last_eval = self.validate()
-                line.update(last_eval)
-            if log is not None:
-                log.write(line)
-                improved = "top1" in line and line["top1"] > best_top1
-                best_top1 = max(best_top1, line.get("top1", best_top1))
-                if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
-                    last = self.save_last(epoch, best_top1)
-                    if improved:
-                        same_file_as(last, last.with_name("best" + last.suffix))
-            self.wait_for_ranks()
-        if not last_eval:  # resumed after the last epoch had finished but before final.json
-            last_eval = self.validate()
-        if log is not None:
-            log.close()
-        return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
-                "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
-                "train_seconds": time.perf_counter() - started}
+            book.record(epoch, line)
+
+    def end(self, plan: EpochPlan, final: dict[str, Any]) -> None:
+        """The final weights, then final.json (last: the member is done)."""
+        if plan.main:
+            self.save_final_weights()
+            write_json(self.run_dir / "final.json", final)
+        self.wait_for_ranks()
+
+
+class EpochBook:
+    """One member's record across epochs: validation when due, metrics, the ``last`` and ``best`` checkpoints.
+
+    ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
+    ``last`` checkpoint saved in the same epoch.
+    """
+
+    def __init__(self, run: MemberRun, plan: EpochPlan, best_top1: float) -> None:
+        self.run, self.plan, self.best_top1 = run, plan, best_top1
+        prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
+        self.log = EpochLog(run.run_dir, prefix) if plan.main else None
+        self.last_eval: dict[str, Any] = {}
+        self.started = time.perf_counter()
+
+    def validates(self, epoch: int) -> bool:
+        return (epoch + 1) % self.plan.val_every == 0 or epoch + 1 == self.plan.epochs
+
+    def record(self, epoch: int, line: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
+        """After epoch ``epoch`` (0-based) has trained: validate when due (``evaluation``: already done), log
+        ``line``, checkpoint."""
+        plan, run = self.plan, self.run
+        if self.validates(epoch):
+            self.last_eval = evaluation if evaluation is not None else run.validate()
+            line.update(self.last_eval)
+        if self.log is not None:
+            self.log.write(line)
+            improved = "top1" in line and line["top1"] > self.best_top1
+            self.best_top1 = max(self.best_top1, line.get("top1", self.best_top1))
+            if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
+                last = run.save_last(epoch, self.best_top1)
+                if improved:
+                    same_file_as(last, last.with_name("best" + last.suffix))
+        run.wait_for_ranks()
+
+    def close(self) -> dict[str, Any]:
+        """The content of final.json but for the backend's fields."""
+        if not self.last_eval:  # resumed after the last epoch had finished but before final.json
+            self.last_eval = self.run.validate()
+        if self.log is not None:
+            self.log.close()
+        last = self.last_eval
+        return {"top1": last["top1"], "top5": last["top5"], "val_loss": last["val_loss"],
+                "val_samples": last["val_samples"], "epochs": self.plan.epochs, "best_top1": self.best_top1,
+                "train_seconds": time.perf_counter() - self.started}

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fuse", type=int, metavar="K",
+                        help="train the --shard members K at a time in one process, as one network grouped K ways "
+                             "(= train.fuse=K; default 1: one at a time); see docs/training.md")
     parser.add_argument("--backend", choices=("torch", "mindspore"), default="torch",
                         help="training framework (default torch); mindspore: see docs/mindspore.md")
     parser.add_argument("--device-target", choices=("CPU", "GPU", "Ascend"), default="CPU",
@@ -75,8 +78,16 @@ def run(args: argparse.Namespace) -> int:
         recipe = apply_overrides(load_recipe(args.config), args.overrides)
         if args.epochs is not None:
             apply_overrides(recipe, [f"schedule.epochs={args.epochs}"])
+        if args.fuse is not None:
+            apply_overrides(recipe, [f"train.fuse={args.fuse}"])
     except ConfigError as exc:
         return _fail(str(exc))
+    # Fused training (train/fused_trainer.py): K members per process, torch backend only.
+    if recipe.train.fuse < 1:
+        return _fail(f"train.fuse must be at least 1 (1 trains members one at a time), got {recipe.train.fuse}")
+    if recipe.train.fuse > 1 and args.backend == "mindspore":
+        return _fail("--fuse / train.fuse > 1 is not supported by --backend mindspore: train its members one at a "
+                     "time (train.fuse=1)")
     if args.backend == "mindspore":
         from train.mindspore.cli import train_members
 
@@ -110,10 +121,15 @@ def _train(args: argparse.Namespace, recipe) -> int:
     dist = init_distributed(device_type)
     device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
     results = {}
+    jobs = [MemberJob(args.data, shard, Path(args.out), args.resume, device, not args.no_progress) for shard in shards]
     try:
-        for shard in shards:
-            job = MemberJob(args.data, shard, Path(args.out), args.resume, device, not args.no_progress)
-            results[shard] = train_member(job, recipe, dist)
+        if recipe.train.fuse > 1:  # K members at a time (train/fused_trainer.py)
+            from train.fused_trainer import train_fused_groups
+
+            results = train_fused_groups(jobs, recipe, dist)
+        else:
+            for job in jobs:
+                results[job.shard] = train_member(job, recipe, dist)
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc))
     finally:

@@ -183,8 +183,12 @@ class MemberTrainer(MemberRun):
                                         seed=train_cfg.seed)
         self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=rank, world=world)
 
+    def _weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The state_dict to save (train.fused_trainer copies a member's weights out of its fused block)."""
+        return module.state_dict()
+
     def _checkpoint(self, epoch: int, best_top1: float) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self._weights(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "epoch": epoch,
                 "best_top1": best_top1, "rng": ckpt.rng_state(), "meta": self.meta,
@@ -246,7 +250,7 @@ class MemberTrainer(MemberRun):
                             main=self.dist.is_main, world=self.dist.world, progress=self.job.progress)
 
     def save_final_weights(self) -> None:
-        ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        ckpt.save_torch({"model": self._weights(self._eval_model()), "meta": self.meta}, self.run_dir / "final.pt")
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": self.ema is not None}

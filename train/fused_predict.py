@@ -1,0 +1,62 @@
+"""ensemble-eval's member forward passes: torch members of one architecture fused K at a time.
+
+``MemberPredictor(members, device, fuse)(images)`` returns the logits ``[M, B, C]`` of a lockstep batch
+(``images[i]``: member i's sub-images, stored layout). Torch members whose networks are the same (run.json
+``model`` but its input constants, and ``num_classes``) are evaluated ``fuse`` at a time by one
+``train.fused.FusedNetwork`` holding copies of their weights: one forward pass for K members. Every other
+member (another architecture or backend, or one left alone) predicts on its own, as with ``fuse=1``.
+Results equal the members' own up to float rounding (summation order in the grouped layers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from train.fused import FusedNetwork, fuse_members
+from train.members import Member, TorchMember
+
+
+def _architecture(member: Member) -> str | None:
+    """What must agree for members to be fused; None for members that cannot be."""
+    if not isinstance(member, TorchMember):
+        return None
+    spec = {key: value for key, value in member.meta["model"].items() if key != "input"}
+    return json.dumps([spec, member.meta["num_classes"]], sort_keys=True)
+
+
+class MemberPredictor:
+    """Logits of every member for one lockstep batch, fusing members ``fuse`` at a time where possible."""
+
+    def __init__(self, members: Sequence[Member], device: torch.device, fuse: int) -> None:
+        self.members, self.device = list(members), device
+        same: dict[str, list[int]] = {}
+        for position, member in enumerate(self.members):
+            key = _architecture(member)
+            if key is not None:
+                same.setdefault(key, []).append(position)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.groups: list[tuple[list[int], FusedNetwork]] = []
+        for positions in same.values():
+            for first in range(0, len(positions), fuse):
+                chunk = positions[first:first + fuse]
+                if len(chunk) > 1:
+                    net = fuse_members([self.members[i].model for i in chunk], memory_format=layout)
+                    self.groups.append((chunk, net.to(device).eval()))
+        fused = {position for chunk, _ in self.groups for position in chunk}
+        self.alone = [position for position in range(len(self.members)) if position not in fused]
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        logits: list[torch.Tensor | None] = [None] * len(self.members)
+        with torch.inference_mode():
+            for positions, net in self.groups:
+                batch = torch.cat([torch.as_tensor(images[i]).to(self.device, non_blocking=True) for i in positions],
+                                  dim=-1)  # [B, H, W, K·C]
+                for position, member_logits in zip(positions, net(batch).float(), strict=True):
+                    logits[position] = member_logits
+        for position in self.alone:
+            logits[position] = self.members[position].predict(images[position])
+        return torch.stack(logits)
