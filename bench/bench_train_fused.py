@@ -254,18 +254,43 @@ def compute_table(args: argparse.Namespace) -> None:
             print(f"| {config[0]} | {config[1]} @{config[2]} | {config[3]} | failed: {values[0].get('failed', '')} "
                   "| | | |")
             continue
-        cells = [_median(values, key, fmt) for key, fmt in (("member_images_per_s", ",.0f"), ("cost_vs_224", ".3f"),
+        cells = [_median(values, key, fmt) for key, fmt in (("member_images_per_s", "rate"), ("cost_vs_224", ".3f"),
                                                            ("vs_sequential", ".2f"), ("peak_mb", ",.0f"))]
         print(f"| {config[0]} | {config[1]} @{config[2]} | {config[3]} | " + " | ".join(cells) + " |")
 
 
 def _median(rows: list[dict], key: str, fmt: str) -> str:
     present = [row[key] for row in rows if key in row]
-    return format(statistics.median(present), fmt) if present else ""
+    if not present:
+        return ""
+    value = statistics.median(present)
+    return _rate(value) if fmt == "rate" else format(value, fmt)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def loader_table(args: argparse.Namespace) -> None:
     """Member-images/s the fused input pipeline delivers, and GPU JPEG decode of the same samples."""
+    from bench_train_throughput import make_view
+
+    from train.data import read_card
+
+    counts = [k for k in (int(k) for k in args.members.split(",")) if k <= int(read_card(args.data)["split"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / "view"  # each member's train shards listed --repeat times
+        for k in range(max(counts)):
+            make_view(Path(args.data), k, args.repeat, view)
+        print(f"\ninput pipeline, {args.data} (train shards x{args.repeat}): {args.workers} loader workers, "
+              f"batch {args.batch}, {args.device}")
+        print("| members K | fused loader member-images/s | GPU decode_jpeg images/s |")
+        print("| --- | --- | --- |")
+        for count in counts:
+            print(_loader_row(args, str(view), count))
+
+
+def _loader_row(args: argparse.Namespace, data: str, count: int) -> str:
     import torch
 
     from train.config import DataConfig
@@ -274,71 +299,84 @@ def loader_table(args: argparse.Namespace) -> None:
     from train.shards import iter_samples, to_sample
     from train.storage import read_bytes
 
-    card = read_card(args.data)
-    print(f"\ninput pipeline, {args.data}: {args.workers} loader workers, batch {args.batch}")
-    print("| members K | fused loader member-images/s | GPU decode_jpeg images/s |")
-    print("| --- | --- | --- |")
-    for count in (int(k) for k in args.members.split(",")):
-        if count > int(card["split"]):
-            continue
-        uris = [shard_uris(args.data, card, k, "train") for k in range(count)]
-        batches = int(card["splits"]["train"]["samples"]) // args.batch
-        stream = FusedTrainStream(uris, card, DataConfig(), batch_size=args.batch, batches_per_epoch=batches, rank=0,
-                                  world=1, seed=0)
-        start = time.perf_counter()
-        images = sum(len(b["labels"]) for b in make_loader(stream, args.workers, args.device == "cuda"))
-        rate = images * count / (time.perf_counter() - start)
-        gpu = ""
-        if args.device == "cuda":
-            from torchvision.io import decode_jpeg
+    card = read_card(data)
+    uris = [shard_uris(data, card, k, "train") for k in range(count)]
+    batches = int(card["splits"]["train"]["samples"]) // args.batch
+    stream = FusedTrainStream(uris, card, DataConfig(), batch_size=args.batch, batches_per_epoch=batches, rank=0,
+                              world=1, seed=0)
+    start = time.perf_counter()
+    images = sum(len(b["labels"]) for b in make_loader(stream, args.workers, args.device == "cuda"))
+    rate = images * count / (time.perf_counter() - start)
+    gpu = ""
+    if args.device == "cuda":
+        from torchvision.io import decode_jpeg
 
-            jpegs = [torch.frombuffer(bytearray(to_sample(key, parts).data), dtype=torch.uint8)
-                     for uri in uris[0] for key, parts in iter_samples(read_bytes(uri))]
-            decode_jpeg(jpegs[: args.batch], device="cuda")  # warm-up
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for first in range(0, len(jpegs), args.batch):
-                decode_jpeg(jpegs[first:first + args.batch], device="cuda")
-            torch.cuda.synchronize()
-            gpu = f"{len(jpegs) / (time.perf_counter() - start):,.0f}"
-        print(f"| {count} | {rate:,.0f} | {gpu} |")
+        jpegs = [torch.frombuffer(bytearray(to_sample(key, parts).data), dtype=torch.uint8)
+                 for uri in uris[0] for key, parts in iter_samples(read_bytes(uri))]
+        decode_jpeg(jpegs[: args.batch], device="cuda")  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for first in range(0, len(jpegs), args.batch):
+            decode_jpeg(jpegs[first:first + args.batch], device="cuda")
+        torch.cuda.synchronize()
+        gpu = _rate(len(jpegs) / (time.perf_counter() - start))
+    return f"| {count} | {_rate(rate)} | {gpu} |"
 
 
 def cli_table(args: argparse.Namespace) -> None:
-    """``cli.py train`` on the first K members of ``--cli DATA``: --fuse K against one at a time."""
+    """``cli.py train`` on the first K members of ``--cli DATA``: --fuse K against one at a time; then
+    ``cli.py ensemble-eval`` of those members with --fuse K against --fuse 1."""
     count = max(int(k) for k in args.members.split(","))
     shards = f"0-{count - 1}"
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     rates: dict[str, list[float]] = {"one at a time": [], f"--fuse {count}": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            order = list(rates) if round_index % 2 == 0 else list(reversed(rates))
-            for name in order:
+            for name in list(rates) if round_index % 2 == 0 else list(reversed(rates)):
                 out = Path(tmp) / f"r{round_index}-{name.replace(' ', '_')}"
-                command = [sys.executable, str(REPO / "cli.py"), "train", "--data", args.cli, "--shard", shards,
-                           "--config", args.config, "--epochs", str(args.epochs), "--out", str(out), "--no-progress",
-                           "--device", args.device, *(["--fuse", str(count)] if name.startswith("--fuse") else []),
-                           *args.overrides]
-                started = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": path})
-                wall = time.perf_counter() - started
+                fuse = ["--fuse", str(count)] if name.startswith("--fuse") else []
+                wall = _cli(args, "train", "--data", args.cli, "--shard", shards, "--config", args.config, "--epochs",
+                            str(args.epochs), "--out", str(out), "--no-progress", "--device", args.device, *fuse,
+                            *args.overrides)
                 lines = [json.loads(line) for run in sorted(out.glob("sub-*"))
                          for line in (run / "metrics.jsonl").read_text().splitlines()]
                 # Training epochs after the first (start-up), every member: member-images over seconds spent.
                 later = [line for line in lines if line["epoch"] > 1]
-                fused = "fused" in later[0]
-                seconds = sum(line["seconds"] for line in later) / (count if fused else 1)
+                seconds = sum(line["seconds"] for line in later) / (count if "fused" in later[0] else 1)
                 rates[name].append(sum(line["train_images"] for line in later) / seconds)
-                print(f"round {round_index + 1} {name}: {rates[name][-1]:.1f} member-images/s "
-                      f"(wall {wall:.0f} s)", file=sys.stderr)
+                print(f"round {round_index + 1} {name}: {rates[name][-1]:.1f} member-images/s (wall {wall:.0f} s)",
+                      file=sys.stderr)
+        evaluations: dict[str, list[float]] = {"--fuse 1": [], f"--fuse {count}": []}
+        for round_index in range(args.rounds):
+            for name in list(evaluations) if round_index % 2 == 0 else list(reversed(evaluations)):
+                report = Path(tmp) / f"report-{round_index}-{name.split()[-1]}"
+                _cli(args, "ensemble-eval", "--data", args.cli, "--runs", str(out), "--out", str(report), "--device",
+                     args.device, "--fuse", name.split()[-1])
+                evaluations[name].append(json.loads((report / "report.json").read_text())["seconds"])
     print(f"\ncli.py train --config {args.config} --epochs {args.epochs} --shard {shards} on {args.cli}, "
           f"{args.device}; training epochs 2+ (validation not counted); median of {args.rounds} round(s)")
     print("| how | member-images/s | vs one at a time |")
     print("| --- | --- | --- |")
-    base = rates["one at a time"]
-    for name, values in rates.items():
-        ratios = [v / b for v, b in zip(values, base, strict=True)]
-        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.2f} |")
+    _ratio_rows(rates, "one at a time", higher_is_better=True)
+    print(f"\ncli.py ensemble-eval of those {count} members (its own 'seconds': loading + evaluation)")
+    print("| how | seconds | speed vs --fuse 1 |")
+    print("| --- | --- | --- |")
+    _ratio_rows(evaluations, "--fuse 1", higher_is_better=False)
+
+
+def _cli(args: argparse.Namespace, *command: str) -> float:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "cli.py"), *command], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": path})
+    return time.perf_counter() - started
+
+
+def _ratio_rows(values: dict[str, list[float]], base: str, higher_is_better: bool) -> None:
+    """One table row per entry: its median, and the median of its per-round ratios against ``base``."""
+    for name, measured in values.items():
+        pairs = zip(measured, values[base], strict=True)
+        ratios = [(v / b) if higher_is_better else (b / v) for v, b in pairs]
+        print(f"| {name} | {_rate(statistics.median(measured))} | {statistics.median(ratios):.2f} |")
 
 
 def main() -> None:
@@ -356,6 +394,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--data", help="a prepared dataset: also measure the fused input pipeline")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers for --data")
+    parser.add_argument("--repeat", type=int, default=10, help="--data: train shards listed this many times")
     parser.add_argument("--cli", metavar="DATA", help="compare cli.py train --fuse K with one at a time on DATA")
     parser.add_argument("--config", default="sample", help="--cli: the recipe")
     parser.add_argument("--epochs", type=int, default=3, help="--cli: epochs (the first is not counted)")

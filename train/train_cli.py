@@ -3,6 +3,8 @@
     python cli.py train --data data/sample --shard 0 --config sample --out runs
     python cli.py train --data data/sample --shard all --config sample --out runs     # N members in turn
     python cli.py train --data DATA --shard 7 --config imagenet21k-sub36 --out runs optimizer.lr=0.01
+    python cli.py train --data DATA --shard 0-8 --fuse 9 --config imagenet21k-sub36 --out runs --device cuda
+                                                                       # 9 members at once, one grouped network
     torchrun --nproc-per-node 8 cli.py train --data s3://bucket/in21k-sub36 --shard 7 --config \\
         imagenet21k-sub36 --out runs --device cuda                                    # DDP, one member
     python cli.py train --list-recipes
