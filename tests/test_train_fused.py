@@ -417,6 +417,22 @@ def _fails_with(message: str, *args: str) -> None:
     fails_with_one_line("train", message, *args)
 
 
+def test_members_go_in_groups_of_k_and_the_rest_alone(small4, tmp_path):
+    run_cli("train", "--data", str(small4), "--shard", "1-3", "--fuse", "2", "--out", str(tmp_path), "--config",
+            "sample", "--no-progress", "schedule.epochs=1", "data.batch_size=100")
+    fused = {k: "fused" in json.loads((tmp_path / f"sub-{k:02d}" / "metrics.jsonl").read_text()) for k in (1, 2, 3)}
+    assert fused == {1: True, 2: True, 3: False}
+    assert all((tmp_path / f"sub-{k:02d}" / "final.json").is_file() for k in (1, 2, 3))
+
+
+def test_fused_groups_refuse_torchrun():
+    from train.config import ConfigError
+    from train.fused_trainer import FusedGroup
+
+    with pytest.raises(ConfigError, match="not under torchrun"):
+        FusedGroup([], load_recipe("sample"), DistInfo(rank=0, world=2))
+
+
 def test_bad_fuse_values_fail_with_one_line(small4, tmp_path):
     data = ("--data", str(small4), "--out", str(tmp_path), "--no-progress")
     _fails_with("train.fuse must be at least 1", *data, "--shard", "0-1", "--fuse", "0")

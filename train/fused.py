@@ -223,8 +223,10 @@ def bind_member(fused: nn.Module, member: nn.Module, index: int, count: int) -> 
     """Make ``member``'s tensors views of block ``index`` of ``fused`` (its grads too, once allocated)."""
     for fused_module, member_module in _blocks(fused, member):
         for name, tensor in fused_module.named_parameters(recurse=False):
-            mine = member_module._parameters[name]
-            mine.data = _block(tensor.detach(), index, count)
+            mine, block = member_module._parameters[name], _block(tensor.detach(), index, count)
+            if block.shape != mine.shape:  # .data would silently take the new shape
+                raise ValueError(f"block {index} of {name} is {tuple(block.shape)}, the member's {tuple(mine.shape)}")
+            mine.data = block
             if tensor.grad is not None:
                 mine.grad = _block(tensor.grad, index, count)
         for name, tensor in fused_module.named_buffers(recurse=False):
