@@ -4,7 +4,7 @@ Goal: evaluating N members together costs at most 1.25 × the sum of evaluating 
 its own sub-dataset (lockstep reading, loading and aggregation overhead ≤ 25 %).
 
 * ``alone``: member k evaluated the way the trainer evaluates it for final.json: load final.pt
-  (``train.checkpoint.load_member``), stream sub-dataset k's val shards (``train.data.EvalStream``,
+  (``train.checkpoint.load_trained_model``), stream sub-dataset k's val shards (``train.stream.EvalStream``,
   no DataLoader workers), forward, top-1/top-5 (``train.engine.evaluate``). Summed over the members.
 * ``together``: the whole ``ensemble-eval`` command in-process (``train.ensemble_cli.run``): member
   loading, lockstep reading with key checks, the four fusion methods and the accuracy-vs-members
@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ensemble_fixtures import make_torch_run  # noqa: E402
-
-from pipeline.sample import sample_corpus  # noqa: E402
-from train import ensemble_cli  # noqa: E402
-from train.checkpoint import load_member  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import EvalStream, make_loader, read_card, shard_uris  # noqa: E402
-from train.engine import StepContext, evaluate  # noqa: E402
+from subspectral.pipeline.sample import sample_corpus  # noqa: E402
+from subspectral.train.checkpoint import load_trained_model  # noqa: E402
+from subspectral.train.config import TrainConfig  # noqa: E402
+from subspectral.train.data import make_loader  # noqa: E402
+from subspectral.train.engine import StepContext, evaluate  # noqa: E402
+from subspectral.train.ensemble import cli as ensemble_cli  # noqa: E402
+from subspectral.train.stream import EvalStream, read_card, shard_uris  # noqa: E402
 
 
 def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
@@ -63,7 +63,7 @@ def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
 
 def time_alone(data: str, card: dict, run_dir: Path, shard: int, device: torch.device, batch: int) -> float:
     start = time.perf_counter()
-    model, _ = load_member(run_dir)
+    model, _ = load_trained_model(run_dir)
     model = model.to(device)
     stream = EvalStream(shard_uris(data, card, shard, "val"), card, batch_size=batch, rank=0, world=1)
     context = StepContext(device, None, int(card["num_classes"]), TrainConfig())

@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
-
-from train.config import DataConfig  # noqa: E402
-from train.data import TrainStream, make_loader, read_card  # noqa: E402
-from train.shards import iter_samples, to_sample  # noqa: E402
-from train.storage import join  # noqa: E402
+from subspectral.train.config import DataConfig  # noqa: E402
+from subspectral.train.data import make_loader  # noqa: E402
+from subspectral.train.shards import iter_samples, to_sample  # noqa: E402
+from subspectral.train.storage import join  # noqa: E402
+from subspectral.train.stream import TrainStream, read_card  # noqa: E402
 
 
 def all_train_shards(data: str, card: dict) -> list[str]:
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from pipeline.sample import sample_corpus
+    from subspectral.pipeline.sample import sample_corpus
 
     originals = sample_corpus()
     with tempfile.TemporaryDirectory() as tmp:

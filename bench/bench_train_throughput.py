@@ -39,7 +39,8 @@ def make_view(data: Path, shard: int, repeat: int, out: Path) -> Path:
 
 
 def loader_rate(view: Path, shard: int, recipe, workers: int, pin: bool) -> float:
-    from train.data import TrainStream, make_loader, read_card, shard_uris
+    from subspectral.train.data import make_loader
+    from subspectral.train.stream import TrainStream, read_card, shard_uris
 
     card = read_card(str(view))
     batch = recipe.data.batch_size
@@ -52,9 +53,8 @@ def loader_rate(view: Path, shard: int, recipe, workers: int, pin: bool) -> floa
 
 def compute_rate(recipe, card: dict, device: str, steps: int = 20) -> float:
     import torch
-
-    from train.engine import autocast_dtype
-    from train.models import create_model
+    from subspectral.train.engine import autocast_dtype
+    from subspectral.train.models import create_model
 
     spec = recipe.model
     model = create_model(spec.name, card["num_classes"], stem=spec.stem).to(device)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from train.config import apply_overrides, load_recipe
+    from subspectral.train.config import apply_overrides, load_recipe
 
     overrides = [*args.overrides, f"data.workers={args.workers}"]
     recipe = apply_overrides(load_recipe(args.config), overrides)

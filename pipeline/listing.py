@@ -23,8 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
+from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import Location
 

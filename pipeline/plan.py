@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from schemas.tables import PLAN_SCHEMA, REJECTS_SCHEMA
+from subspectral.schemas.tables import PLAN_SCHEMA, REJECTS_SCHEMA
 
 MAX_KEY_LENGTH = 80  # keeps every tar member name (key + extension) inside ustar's 100 bytes
 

@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
+from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
 
 from . import __version__, decompose, encode, resize
 from .distributor import RayRunner, run_serial

@@ -19,8 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-
-from schemas.tables import STATUS_SCHEMA
+from subspectral.schemas.tables import STATUS_SCHEMA
 
 from . import decompose, encode, resize
 from .decode import RejectedInput, SizeLimits, decode_image

@@ -93,5 +93,5 @@ CLASSES_SCHEMA = pa.schema(
 @cache
 def card_schema() -> dict[str, Any]:
     """JSON Schema of dataset.json (schemas/dataset_card.schema.json)."""
-    text = resources.files("schemas").joinpath("dataset_card.schema.json").read_text()
+    text = resources.files(__package__).joinpath("dataset_card.schema.json").read_text()
     return json.loads(text)

@@ -65,7 +65,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The embedded sample corpus, generated once into the test session's temp dir."""
-    from pipeline.sample import sample_corpus
+    from subspectral.pipeline.sample import sample_corpus
 
     return sample_corpus(tmp_path_factory.mktemp("sample-cache"))
 

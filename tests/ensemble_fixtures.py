@@ -99,9 +99,8 @@ def make_torch_run(
     """A torch member in the trainer's exact run layout, with deterministic random weights:
     run.json, final.json, final.pt ({"model", "meta"}) and, for EBV heads, ebv_basis.safetensors."""
     import torch
-
-    from train.checkpoint import save_basis
-    from train.models import create_model
+    from subspectral.train.checkpoint import save_basis
+    from subspectral.train.models import create_model
 
     num_classes = int(card["num_classes"])
     generator = torch.Generator().manual_seed(1000 * seed + shard)

@@ -103,7 +103,7 @@ ALL_COMMANDS = k8s_commands() + compose_commands() + slurm_commands()
 
 
 def parse(command: JobCommand):
-    import cli
+    from subspectral import cli
 
     try:
         return cli.build_parser().parse_args(command.argv)
@@ -187,8 +187,8 @@ def test_commands_were_found_in_every_job_file() -> None:
 def test_job_command_is_accepted_by_the_cli(command: JobCommand) -> None:
     args = parse(command)
     if args.command == "train":
-        from train.config import apply_overrides, load_recipe
-        from train.train_cli import parse_shards
+        from subspectral.train.config import apply_overrides, load_recipe
+        from subspectral.train.run import parse_shards
 
         # The pod index / array task id is what reaches --shard, and it names one member.
         assert parse_shards(args.shard, MEMBERS) == [PLACEHOLDER_INDEX]
@@ -197,7 +197,7 @@ def test_job_command_is_accepted_by_the_cli(command: JobCommand) -> None:
 
 
 def test_member_fan_out_matches_the_number_of_sub_datasets() -> None:
-    from pipeline.prepare_cli import DEFAULTS
+    from subspectral.pipeline.prepare_cli import DEFAULTS
 
     prepare_splits = {parse(c).split for c in ALL_COMMANDS if c.argv[0] == "prepare"}
     assert prepare_splits == {DEFAULTS["split"]} == {MEMBERS}

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ensemble_fixtures import make_dataset, write_shard
-
-from train.data import shard_uris
-from train.lockstep import Lockstep, MisalignedError, Stream
+from subspectral.train.ensemble.lockstep import Lockstep, MisalignedError, Stream
+from subspectral.train.stream import shard_uris
 
 NUM_SAMPLES = 7
 LABELS = [0, 1, 2, 0, 1, 2, 0]

@@ -18,9 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from ensemble_fixtures import make_dataset, make_run, write_shard
-
-from train import ensemble_cli
-from train.members import MemberRun, register_loader
+from subspectral.train.ensemble import cli as ensemble_cli
+from subspectral.train.ensemble.members import FinishedRun, register_loader
 
 C = 4
 # Logits by rank (rank 0 = best own val accuracy), per sample; comments give the point of each.
@@ -46,7 +45,7 @@ OWN_TOP1 = {1: 80.0, 2: 60.0, 0: 50.0}  # percent, as the trainer writes final.j
 
 
 class PixelMember:
-    def __init__(self, run: MemberRun) -> None:
+    def __init__(self, run: FinishedRun) -> None:
         self.shard, self.meta = run.shard, run.run
 
     def predict(self, images: np.ndarray) -> torch.Tensor:

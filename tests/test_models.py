@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.models as tvm
-
-from train.models import MODEL_BUILDERS, create_model, ebv_basis_of, model_from_run
+from subspectral.train.models import MODEL_BUILDERS, create_model, ebv_basis_of, model_from_run
 
 
 def _params(model: torch.nn.Module) -> int:

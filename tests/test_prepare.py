@@ -23,13 +23,12 @@ import webdataset as wds
 from conftest import REPO, run_cli
 from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
 from PIL import Image
-
-from pipeline.decompose import dct_inverse
-from pipeline.plan import PlanOptions
-from pipeline.prepare import PrepareOptions, prepare
-from pipeline.shard import SampleEncoder, SampleSpec
-from pipeline.storage import location
-from schemas import card_schema
+from subspectral.pipeline.decompose import dct_inverse
+from subspectral.pipeline.plan import PlanOptions
+from subspectral.pipeline.prepare import PrepareOptions, prepare
+from subspectral.pipeline.shard import SampleEncoder, SampleSpec
+from subspectral.pipeline.storage import location
+from subspectral.schemas import card_schema
 
 
 def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",

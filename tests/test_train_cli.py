@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import load_file
-
-from train.checkpoint import load_member, same_file_as, save_torch
-from train.data import EvalStream, make_loader, read_card, shard_uris
+from subspectral.train.checkpoint import load_trained_model, save_torch
+from subspectral.train.data import make_loader
+from subspectral.train.run import same_file_as
+from subspectral.train.stream import EvalStream, read_card, shard_uris
 
 QUICK = ("--no-progress", "schedule.epochs=1", "data.batch_size=100")  # one 5-step epoch
 
@@ -64,7 +65,7 @@ def test_best_is_a_link_that_keeps_its_content_when_last_moves_on(tmp_path):
 
 
 def test_final_weights_reproduce_final_json(sample_run, prepared_sample):
-    model, meta = load_member(sample_run)
+    model, meta = load_trained_model(sample_run)
     card = read_card(str(prepared_sample))
     stream = EvalStream(shard_uris(str(prepared_sample), card, meta["shard"], "val"), card, batch_size=64,
                         rank=0, world=1)
@@ -84,7 +85,7 @@ def test_ebv_run_saves_the_basis_it_trained_with(prepared_sample, tmp_path):
     assert saved.shape == (10, 16)
     assert torch.equal(torch.load(run_dir / "final.pt", weights_only=True)["model"]["net.fc.basis"], saved)
     assert torch.equal(torch.load(run_dir / "last.pt", weights_only=True)["model"]["net.fc.basis"], saved)
-    model, meta = load_member(run_dir)
+    model, meta = load_trained_model(run_dir)
     assert meta["model"]["head"] == "ebv" and meta["model"]["ebv_dim"] == 16
     assert json.loads((run_dir / "final.json").read_text())["ema"] is True
 

@@ -13,23 +13,22 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
-from train.config import DataConfig
-from train.data import (
+from subspectral.train.config import DataConfig
+from subspectral.train.data import make_loader
+from subspectral.train.shards import CorruptShard, iter_samples
+from subspectral.train.storage import DataError
+from subspectral.train.stream import (
     EvalStream,
     Piece,
     StreamStats,
     TrainStream,
     augment,
-    make_loader,
     piece_samples,
     piece_source,
     pieces_for_slot,
     read_card,
     shard_uris,
 )
-from train.shards import CorruptShard, iter_samples
-from train.storage import DataError
 
 
 def _members(path: Path) -> list[tuple[str, bytes]]:

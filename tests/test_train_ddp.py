@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 from conftest import REPO, run_cli
-
-from train.models import create_model
+from subspectral.train.models import create_model
 
 # Stream order, no augmentation, plain SGD: both runs see the same global batches in the same order.
 ARGS = ("--shard", "0", "--config", "sample", "--no-progress", "schedule.epochs=1", "data.batch_size=100",

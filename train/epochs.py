@@ -1,6 +1,6 @@
 """The run of one member that both backends share: resume, epochs, validation, logs, checkpoints, final.
 
-A backend's trainer subclasses ``MemberRun`` and supplies what differs (building the network,
+A backend's trainer subclasses ``MemberTraining`` and supplies what differs (building the network,
 restoring and writing checkpoints, one epoch of training, validation, the barrier between ranks);
 what a run folder gets (metrics.jsonl, TensorBoard scalars, a summary line per epoch, ``best`` as a
 link to ``last``, final.json) is decided here once, so torch and MindSpore run folders cannot drift.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint import CheckpointError, same_file_as, write_json, write_text
-from train.config import ConfigError, Recipe, dump_yaml
-from train.progress import EpochProgress
-from train.storage import DataError
+from subspectral.train.config import ConfigError, Recipe, dump_yaml
+from subspectral.train.progress import EpochProgress
+from subspectral.train.run import CheckpointError, same_file_as, write_json, write_text
+from subspectral.train.storage import DataError
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class EpochLog:
         self.writer.close()
 
 
-class MemberRun(ABC):
+class MemberTraining(ABC):
     """``run()`` for a backend's member trainer; the subclass sets the attributes and the hooks below."""
 
     run_dir: Path
@@ -144,7 +144,7 @@ class MemberRun(ABC):
 
     @abstractmethod
     def save_final_weights(self) -> None:
-        """The weights to evaluate (EMA weights when EMA is on), for ``load_member``."""
+        """The weights to evaluate (EMA weights when EMA is on), for the ensemble's member loaders."""
 
     @abstractmethod
     def final_fields(self) -> dict[str, Any]:

@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.models as tvm
+from subspectral.train.ebv import EBVHead, generate_ebv
 from torch import nn
-
-from train.ebv import EBVHead, generate_ebv
 
 # Same names in every backend's registry (torch here; MindSpore later).
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {

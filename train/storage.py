@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage as _store
-from pipeline.storage import is_remote
+from subspectral.pipeline import storage as _store
+from subspectral.pipeline.storage import is_remote
 
 __all__ = ["DataError", "exists", "is_remote", "join", "read_bytes", "read_json"]
 

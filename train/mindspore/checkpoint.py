@@ -18,8 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 from safetensors.numpy import load_file, save_file
-
-from train.checkpoint import BASIS_FILE, IDENTITY_FIELDS, CheckpointError
+from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError
 
 _META_KEY = "subspectral_meta"
 

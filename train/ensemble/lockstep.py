@@ -14,9 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
-from train.storage import read_bytes
+from subspectral.train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
+from subspectral.train.storage import read_bytes
 
 
 class MisalignedError(ValueError):

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help stays instant
     import numpy as np
     import torch
-
-    from train.distributed import DistInfo
-    from train.ensemble import Hits, Tally
-    from train.lockstep import Lockstep, Stream
-    from train.members import Member, MemberRun
-    from train.report import PredictionWriter
+    from subspectral.train.distributed import DistInfo
+    from subspectral.train.ensemble.fusion import Hits, Tally
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.members import FinishedRun, Member
+    from subspectral.train.ensemble.report import PredictionWriter
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
@@ -66,7 +65,7 @@ class Baseline:
 
 
 def parse_members(text: str | None, split: int) -> list[int]:
-    from train.members import MemberError
+    from subspectral.train.ensemble.members import MemberError
 
     if text is None:
         return list(range(split))
@@ -82,8 +81,7 @@ def parse_members(text: str | None, split: int) -> list[int]:
 
 def resolve_device(name: str | None) -> torch.device:
     import torch
-
-    from train.members import MemberError
+    from subspectral.train.ensemble.members import MemberError
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,9 +96,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torch.device) -> Baseline:
     """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
-    from train.data import read_card, sample_shape, shard_uris
-    from train.lockstep import Stream
-    from train.members import MemberError, check_compatible, load_member, read_run
+    from subspectral.train.ensemble.lockstep import Stream
+    from subspectral.train.ensemble.members import MemberError, check_compatible, load_member, read_run
+    from subspectral.train.stream import read_card, sample_shape, shard_uris
 
     run = read_run(path)
     data = str(run.run.get("data", ""))
@@ -122,8 +120,7 @@ def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torc
 
 def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
-
-    from train.ensemble import ten_crop
+    from subspectral.train.ensemble.fusion import ten_crop
 
     if not baseline.ten_crop:
         return baseline.member.predict(images)
@@ -139,8 +136,7 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
     Hits (or None). ``progress`` is a tqdm bar.
     """
     import torch
-
-    from train.ensemble import Hits, tally_batch, top_k_classes
+    from subspectral.train.ensemble.fusion import Hits, tally_batch, top_k_classes
 
     baseline_hits = Hits() if baseline is not None else None
     for batch in lockstep:
@@ -158,10 +154,10 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
 
 def select_runs(
     args: argparse.Namespace, card: dict[str, Any], announce: bool = True
-) -> tuple[list[MemberRun], list[int]]:
+) -> tuple[list[FinishedRun], list[int]]:
     """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
-    from train.ensemble import rank_members
-    from train.members import MemberError, check_compatible, discover_runs
+    from subspectral.train.ensemble.fusion import rank_members
+    from subspectral.train.ensemble.members import MemberError, check_compatible, discover_runs
 
     if not args.runs.is_dir():
         raise MemberError(f"--runs {args.runs}: no such folder")
@@ -184,7 +180,7 @@ def reduce_over_workers(
     tally: Tally, lockstep: Lockstep, baseline_hits: Hits | None, device: torch.device
 ) -> None:
     """Sum every counter over the torchrun workers (exact: integers in float64), in place."""
-    from train.distributed import all_reduce_sum
+    from subspectral.train.distributed import all_reduce_sum
 
     extra = [lockstep.skipped] + ([baseline_hits.top1, baseline_hits.topk] if baseline_hits else [])
     counts = tally.counts()
@@ -203,21 +199,20 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     so the result equals a single-process run.
     """
     import torch
-    from tqdm import tqdm
-
-    from train.data import sample_shape, shard_uris
-    from train.distributed import barrier
-    from train.ensemble import METHODS, Tally
-    from train.lockstep import Lockstep, Stream
-    from train.members import load_member
-    from train.report import (
+    from subspectral.train.distributed import barrier
+    from subspectral.train.ensemble.fusion import METHODS, Tally
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.members import load_member
+    from subspectral.train.ensemble.report import (
         PredictionWriter,
         build_report,
         merge_prediction_parts,
         render_markdown,
         write_reports,
     )
-    from train.storage import DataError
+    from subspectral.train.storage import DataError
+    from subspectral.train.stream import sample_shape, shard_uris
+    from tqdm import tqdm
 
     started = time.perf_counter()
     folders = card["sub_datasets"]
@@ -291,11 +286,10 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
 def _start(args: argparse.Namespace) -> int:
     """Checks that need no member, then the device and (under torchrun) the process group."""
     import torch
-
-    from train.data import read_card
-    from train.distributed import init_distributed, shutdown
-    from train.members import MemberError
-    from train.storage import DataError
+    from subspectral.train.distributed import init_distributed, shutdown
+    from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.storage import DataError
+    from subspectral.train.stream import read_card
 
     card = read_card(args.data)
     if not card["splits"].get("val", {}).get("samples"):
@@ -317,9 +311,9 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.lockstep import MisalignedError
-    from train.members import MemberError
-    from train.storage import DataError
+    from subspectral.train.ensemble.lockstep import MisalignedError
+    from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.storage import DataError
 
     try:
         return _start(args)

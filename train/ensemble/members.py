@@ -28,7 +28,7 @@ class MemberError(ValueError):
 
 
 @dataclass(frozen=True)
-class MemberRun:
+class FinishedRun:
     """One finished run folder: its shard, run.json and final.json."""
 
     shard: int
@@ -58,11 +58,11 @@ class Member(Protocol):
         ...
 
 
-MemberLoader = Callable[[MemberRun, torch.device], Member]
+MemberLoader = Callable[[FinishedRun, torch.device], Member]
 # backend -> "module:function" of its loader, imported on first use.
 LOADER_PATHS: dict[str, str] = {
-    "torch": "train.members:load_torch_member",
-    "mindspore": "train.mindspore.member:load_mindspore_member",  # imports MindSpore only when used
+    "torch": "subspectral.train.ensemble.members:load_torch_member",
+    "mindspore": "subspectral.train.mindspore.member:load_mindspore_member",  # imports MindSpore only when used
 }
 _LOADERS: dict[str, MemberLoader] = {}
 
@@ -77,7 +77,7 @@ def register_loader(backend: str) -> Callable[[MemberLoader], MemberLoader]:
     return register
 
 
-def load_member(run: MemberRun, device: torch.device) -> Member:
+def load_member(run: FinishedRun, device: torch.device) -> Member:
     if run.backend not in _LOADERS and run.backend in LOADER_PATHS:
         module, _, function = LOADER_PATHS[run.backend].partition(":")
         _LOADERS[run.backend] = getattr(importlib.import_module(module), function)
@@ -106,13 +106,13 @@ class TorchMember:
             return self.model(batch.to(self.device, non_blocking=True)).float()
 
 
-def load_torch_member(run: MemberRun, device: torch.device) -> TorchMember:
+def load_torch_member(run: FinishedRun, device: torch.device) -> TorchMember:
     """final.pt through the trainer's own loader (weights_only load, EBV basis verified)."""
-    from train.checkpoint import CheckpointError
-    from train.checkpoint import load_member as load_torch_run
+    from subspectral.train.checkpoint import load_trained_model
+    from subspectral.train.run import CheckpointError
 
     try:
-        model, meta = load_torch_run(run.path, "final")
+        model, meta = load_trained_model(run.path, "final")
     except CheckpointError as error:
         raise MemberError(str(error)) from error
     except Exception as error:  # torch.load and load_state_dict raise many types for unusable files
@@ -130,8 +130,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise MemberError(f"{path}: unreadable ({error})") from error
 
 
-def read_run(path: Path, shard: int | None = None) -> MemberRun:
-    """A finished run folder (``final.json`` present) as a MemberRun."""
+def read_run(path: Path, shard: int | None = None) -> FinishedRun:
+    """A finished run folder (``final.json`` present) as a FinishedRun."""
     if not (path / "final.json").is_file():
         raise MemberError(f"{path}: not a finished run (no final.json)")
     run = _read_json(path / "run.json")
@@ -141,12 +141,12 @@ def read_run(path: Path, shard: int | None = None) -> MemberRun:
     recorded = run.get("shard")
     if shard is not None and recorded != shard:
         raise MemberError(f"{path}: run.json says shard {recorded}, but the folder is for shard {shard}")
-    return MemberRun(int(recorded if shard is None else shard), path, run, final)
+    return FinishedRun(int(recorded if shard is None else shard), path, run, final)
 
 
 def discover_runs(
     runs_dir: Path, folder_names: Sequence[str], shards: Sequence[int]
-) -> tuple[list[MemberRun], list[int]]:
+) -> tuple[list[FinishedRun], list[int]]:
     """Finished runs among ``shards`` (folder ``runs_dir/folder_names[k]``), and the shards missing."""
     found, missing = [], []
     for shard in shards:
@@ -158,7 +158,7 @@ def discover_runs(
     return found, missing
 
 
-def check_compatible(run: MemberRun, card: dict[str, Any], data: str) -> None:
+def check_compatible(run: FinishedRun, card: dict[str, Any], data: str) -> None:
     """Refuse a member trained on another class table, split, transform or size than ``card``."""
     for field_name in COMPATIBILITY_FIELDS:
         trained, wanted = run.run.get(field_name), card.get(field_name)
