@@ -246,7 +246,8 @@ def compose_commands() -> list[JobCommand]:
         env = dict(item.split("=", 1) for item in service.get("environment", []) if "=" in item)
         mounts = {spec.rsplit(":", 1)[1]: {"hostPath": spec.rsplit(":", 1)[0]} for spec in service.get("volumes", [])}
         commands.append(JobCommand(f"compose.yaml: service {name}", "compose", after_cli(text), env,
-                                   image=service["image"], mounts=mounts, details={"service": service}))
+                                   image=expand_shell(service["image"], {}, name), mounts=mounts,
+                                   details={"service": service}))
     return commands
 
 
