@@ -183,7 +183,7 @@ def test_k8s_runs_live_on_the_shared_claim_and_data_in_object_storage() -> None:
     claims = {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] == "PersistentVolumeClaim"}
     for command in k8s_commands():
         args = parse(command)
-        data = [*args.src, args.out] if args.command == "prepare" else [args.data]
+        data = [*(args.src or []), args.out] if args.command == "prepare" else [args.data]
         assert all(uri.startswith("s3://") for uri in data), command.source  # reachable from every pod
         if args.command in ("train", "ensemble-eval"):
             runs = str(args.out if args.command == "train" else args.runs)
