@@ -8,6 +8,7 @@ byte-identical shards.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -80,10 +81,15 @@ def member_bytes(name: str, data: bytes) -> bytes:
 
 
 class TarShardWriter:
-    """Appends members to a binary stream; ``finish`` writes the end-of-archive blocks."""
+    """Appends members to a binary stream; ``finish`` writes the end-of-archive blocks.
+
+    Keeps the SHA-256 of everything written (the digest shards.parquet records), so the shard is
+    never read back to hash it.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        self._digest = hashlib.sha256()
         self.bytes_written = 0
 
     def add(self, name: str, data: bytes) -> None:
@@ -91,10 +97,16 @@ class TarShardWriter:
 
     def write_parts(self, *parts: bytes | bytearray | memoryview) -> None:
         """Write rendered members, or pieces of them (header, data, padding), without joining them first."""
-        write = self._stream.write
+        write, digest = self._stream.write, self._digest.update
         for part in parts:
             write(part)
+            digest(part)
             self.bytes_written += len(part)
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far (of the whole tar after ``finish``)."""
+        return self._digest.hexdigest()
 
     def finish(self) -> None:
         end = 2 * BLOCK

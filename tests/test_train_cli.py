@@ -12,8 +12,9 @@ from conftest import run_cli
 from safetensors.torch import load_file
 from subspectral.train.checkpoint import load_trained_model, save_torch
 from subspectral.train.data import make_loader
+from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.run import same_file_as
-from subspectral.train.stream import EvalStream, read_card, shard_uris
+from subspectral.train.stream import EvalStream
 
 QUICK = ("--no-progress", "schedule.epochs=1", "data.batch_size=100")  # one 5-step epoch
 
@@ -40,7 +41,7 @@ def test_run_folder_follows_the_layout(sample_run, prepared_sample):
     run = json.loads((sample_run / "run.json").read_text())
     assert run["backend"] == "torch" and run["shard"] == 5 and run["recipe"] == "sample"
     assert (run["class_table_sha256"], run["num_classes"], run["split"]) == (
-        card["class_table_sha256"], 10, 36)
+        card.class_table_sha256, 10, 36)
     assert run["model"]["name"] == "resnet18" and run["model"]["input"]["scale"] == pytest.approx(1 / 255)
     lines = [json.loads(line) for line in (sample_run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == list(range(1, len(lines) + 1))
