@@ -9,7 +9,6 @@ final.safetensors is for any other tool: the torchvision network's own state dic
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from subspectral.schemas import ContractError, RunRecord
+from subspectral.train import portable
 from subspectral.train.ebv import EBVHead
 from subspectral.train.models import SubNetwork, ebv_basis_of, model_from_run
+from subspectral.train.portable import portable_name
 from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError, atomic_write
 from torch import nn
-
-PORTABLE_FILE = "final.safetensors"
-PORTABLE_RUN_KEY = "subspectral.run"  # final.safetensors metadata: run.json, as JSON text
-PORTABLE_BASIS_KEY = "ebv_basis"  # final.safetensors tensor of EBV members: the C x d basis
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -109,26 +106,13 @@ def load_trained_model(run_dir: str | Path, weights: str = "final") -> tuple[nn.
 
 
 def portable_state_dict(model: SubNetwork) -> dict[str, torch.Tensor]:
-    """The member's torchvision network as torchvision names it: no ``net.`` prefix, no input normalisation.
-
-    An EBV head's projection takes the name of the linear layer it replaced (``fc.weight``: d x features)
-    and its basis becomes the tensor ``ebv_basis`` (C x d), so the rest loads into the torchvision model
-    built with ``num_classes=d``.
-    """
-    heads = {name: module for name, module in model.net.named_modules() if isinstance(module, EBVHead)}
-    tensors = {}
-    for name, tensor in model.net.state_dict().items():
-        head, _, leaf = name.rpartition(".")
-        if head in heads and leaf == "basis":
-            name = PORTABLE_BASIS_KEY
-        elif head.endswith(".proj") and head[: -len(".proj")] in heads:
-            name = f"{head[: -len('.proj')]}.{leaf}"
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return tensors
+    """The member's torchvision network as torchvision names it (``train.portable``)."""
+    heads = {name for name, module in model.net.named_modules() if isinstance(module, EBVHead)}
+    return {portable_name(name, heads): tensor.detach().cpu().contiguous()
+            for name, tensor in model.net.state_dict().items()}
 
 
 def save_portable(path: Path, model: SubNetwork, meta: dict[str, Any]) -> None:
     """final.safetensors: ``portable_state_dict(model)``, with run.json in the metadata."""
     tensors = portable_state_dict(model)
-    metadata = {"format": "pt", PORTABLE_RUN_KEY: json.dumps(meta, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=portable.metadata(meta)))

@@ -26,6 +26,7 @@ from subspectral.train.engine import (
 )
 from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
 from subspectral.train.models import SubNetwork, create_model
+from subspectral.train.portable import PORTABLE_FILE
 from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
@@ -212,7 +213,7 @@ class MemberTrainer(MemberTraining):
     def save_final_weights(self) -> None:
         model = self._eval_model()
         ckpt.save_torch({"model": model.state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
-        ckpt.save_portable(self.run_dir / ckpt.PORTABLE_FILE, model, self.meta)
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, model, self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": self.ema is not None}

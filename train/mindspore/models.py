@@ -219,6 +219,11 @@ def model_from_run(spec: ModelSpec, num_classes: int) -> SubNetwork:
                         std=spec.input.std)
 
 
+def ebv_heads(network: nn.Cell) -> set[str]:
+    """Paths of the EBV heads inside ``network`` (``fc`` for a ResNet)."""
+    return {name for name, cell in network.cells_and_names() if isinstance(cell, EBVHead)}
+
+
 def ebv_basis_of(model: nn.Cell) -> np.ndarray | None:
     for _, cell in model.cells_and_names():
         if isinstance(cell, EBVHead):

@@ -22,7 +22,7 @@ from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoc
 from subspectral.train.mindspore import checkpoint as ckpt
 from subspectral.train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from subspectral.train.mindspore.ebv import generate_basis
-from subspectral.train.mindspore.models import create_model, ebv_basis_of
+from subspectral.train.mindspore.models import create_model, ebv_basis_of, ebv_heads
 from subspectral.train.mindspore.runtime import Runtime
 from subspectral.train.mindspore.step import (
     EvalStep,
@@ -33,6 +33,7 @@ from subspectral.train.mindspore.step import (
     precision_for,
 )
 from subspectral.train.mixing import mix_batch
+from subspectral.train.portable import PORTABLE_FILE
 from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import BASIS_FILE, MemberJob, prepare_run_dir, run_record
@@ -193,6 +194,7 @@ class MindSporeTrainer(MemberTraining):
 
     def save_final_weights(self) -> None:
         ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, self.model.net, ebv_heads(self.model.net), self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": False}
