@@ -242,9 +242,9 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
     for split in ("train", "val"):
         done = [s for s in stats if s["split"] == split]  # in shard order, as _shard_index lists them
         names = [shard_file(split, s["shard"]) for s in done]
-        splits[split] = SplitSummary(
-            shards=len(done), samples=sum(s["samples"] for s in done),
-            sha256=tuple(listing_sha256(names, [s["sha256"][k] for s in done]) for k in range(spec.split)))
+        digests = None if split == "train" else tuple(  # write_shard hashes val shards only
+            listing_sha256(names, [s["sha256"][k] for s in done]) for k in range(spec.split))
+        splits[split] = SplitSummary(shards=len(done), samples=sum(s["samples"] for s in done), sha256=digests)
     card = DatasetCard(
         tool_version=__version__,
         split=spec.split,

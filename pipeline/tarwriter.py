@@ -83,13 +83,13 @@ def member_bytes(name: str, data: bytes) -> bytes:
 class TarShardWriter:
     """Appends members to a binary stream; ``finish`` writes the end-of-archive blocks.
 
-    Keeps the SHA-256 of everything written (the digest shards.parquet records), so the shard is
-    never read back to hash it.
+    ``hashed``: keep the SHA-256 of everything written (the digest shards.parquet records) as it goes,
+    so the shard is never read back to hash it.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, hashed: bool = False) -> None:
         self._stream = stream
-        self._digest = hashlib.sha256()
+        self._digest = hashlib.sha256() if hashed else None
         self.bytes_written = 0
 
     def add(self, name: str, data: bytes) -> None:
@@ -97,16 +97,18 @@ class TarShardWriter:
 
     def write_parts(self, *parts: bytes | bytearray | memoryview) -> None:
         """Write rendered members, or pieces of them (header, data, padding), without joining them first."""
-        write, digest = self._stream.write, self._digest.update
+        write = self._stream.write
         for part in parts:
             write(part)
-            digest(part)
             self.bytes_written += len(part)
+        if self._digest is not None:
+            for part in parts:
+                self._digest.update(part)
 
     @property
-    def sha256(self) -> str:
-        """Hex SHA-256 of the bytes written so far (of the whole tar after ``finish``)."""
-        return self._digest.hexdigest()
+    def sha256(self) -> str | None:
+        """Hex SHA-256 of the bytes written so far (of the whole tar after ``finish``); None unless hashed."""
+        return None if self._digest is None else self._digest.hexdigest()
 
     def finish(self) -> None:
         end = 2 * BLOCK

@@ -44,7 +44,7 @@ def shard_file(split: str, shard: int) -> str:
 class SplitSummary:
     shards: int
     samples: int
-    sha256: tuple[str, ...]  # per sub-dataset: listing_sha256 of its shards of this split
+    sha256: tuple[str, ...] | None = None  # val: per sub-dataset, listing_sha256 of its shards (train: None)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class DatasetCard:
         if (self.transform == "dct") != (self.dct_scale is not None):
             problems.append("dct_scale is set for transform none, or missing for dct")
         problems += [f"splits.{name}.sha256 has {len(info.sha256)} digests for {self.split} sub-datasets"
-                     for name, info in self.splits.items() if len(info.sha256) != self.split]
+                     for name, info in self.splits.items() if len(info.sha256 or ()) not in (0, self.split)]
         if problems:
             raise ContractError(f"inconsistent dataset card: {'; '.join(problems)}")
 
@@ -124,7 +124,8 @@ class DatasetCard:
                 **fields,
                 "sample_shape": tuple(fields["sample_shape"]),
                 "sub_datasets": tuple(fields["sub_datasets"]),
-                "splits": {name: SplitSummary(info["shards"], info["samples"], tuple(info["sha256"]))
+                "splits": {name: SplitSummary(info["shards"], info["samples"],
+                                              tuple(info["sha256"]) if "sha256" in info else None)
                            for name, info in fields["splits"].items()},
                 "counts": Counts(counts["inputs"], counts["written"], counts["rejected"],
                                  dict(counts["rejected_by_reason"])),
@@ -161,7 +162,8 @@ class DatasetCard:
             "num_classes": self.num_classes,
             "class_table_sha256": self.class_table_sha256,
             "sub_datasets": list(self.sub_datasets),
-            "splits": {name: {"shards": info.shards, "samples": info.samples, "sha256": list(info.sha256)}
+            "splits": {name: {"shards": info.shards, "samples": info.samples,
+                              **({} if info.sha256 is None else {"sha256": list(info.sha256)})}
                        for name, info in self.splits.items()},
             "counts": {"inputs": self.counts.inputs, "written": self.counts.written,
                        "rejected": self.counts.rejected,
@@ -191,7 +193,9 @@ class DatasetCard:
         return [f"{folder}/{name}" for name in self.shard_files(split)]
 
     def shard_digests(self, table: pa.Table, split: str, sub_dataset: int) -> list[str]:
-        """Sub-dataset k's per-shard SHA-256s of ``split`` from shards.parquet, checked against this card."""
+        """Sub-dataset k's per-shard SHA-256s of ``split`` (val) from shards.parquet, checked against this card."""
+        if self.splits[split].sha256 is None:
+            raise ContractError(f"the {split} shards are not hashed (only val shards are)")
         rows = table.filter(pc.and_(pc.equal(table.column("split"), split),
                                     pc.equal(table.column("sub_dataset"), sub_dataset)))
         rows = rows.sort_by("shard")
@@ -204,7 +208,7 @@ class DatasetCard:
         return digests
 
 
-# shards.parquet: one row per tar, the digests behind the card's per-sub-dataset ``splits.*.sha256``.
+# shards.parquet: one row per tar; for val tars, the digests behind the card's ``splits.val.sha256``.
 SHARDS_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # relative to the dataset's folder: sub-07/val-000003.tar
@@ -213,14 +217,15 @@ SHARDS_SCHEMA = pa.schema(
         ("sub_dataset", pa.int32()),  # k
         ("samples", pa.int64()),
         ("bytes", pa.int64()),
-        ("sha256", pa.string()),
+        ("sha256", pa.string()),  # null for train tars: only val tars are hashed
     ]
 )
 
 
-def shards_table(split: str, shard: int, samples: int, sizes: Sequence[int], digests: Sequence[str]) -> pa.Table:
-    """The shards.parquet rows of shard j of ``split``: one per sub-dataset."""
-    names = sub_dataset_names(len(digests))
+def shards_table(split: str, shard: int, samples: int, sizes: Sequence[int],
+                 digests: Sequence[str] | None) -> pa.Table:
+    """The shards.parquet rows of shard j of ``split``: one per sub-dataset (``digests`` None: not hashed)."""
+    names = sub_dataset_names(len(sizes))
     return pa.table(
         {
             "path": [f"{folder}/{shard_file(split, shard)}" for folder in names],
@@ -229,7 +234,7 @@ def shards_table(split: str, shard: int, samples: int, sizes: Sequence[int], dig
             "sub_dataset": list(range(len(names))),
             "samples": [samples] * len(names),
             "bytes": list(sizes),
-            "sha256": list(digests),
+            "sha256": list(digests) if digests is not None else [None] * len(names),
         },
         schema=SHARDS_SCHEMA,
     )

@@ -2,9 +2,9 @@
 
 Both training backends write it (``RunRecord.for_member``); ``ensemble-eval`` and any evaluator read it
 with ``RunRecord.from_json``, which refuses another schema version or a malformed record with one line.
-The data identity says exactly which data the member saw: the card's digest and seed, its
-sub-dataset, and the digests of that sub-dataset's train and val shards (``DatasetCard.splits``), so
-a member is never evaluated on data other than the data it was trained and validated on. Pure.
+The data identity says which data the member saw: the card's digest and seed, its sub-dataset, and
+the digest of that sub-dataset's val shards (``DatasetCard.splits``), so a member is never evaluated
+on data other than the data it was validated on, none of which it trained on. Pure.
 """
 
 from __future__ import annotations
@@ -45,16 +45,14 @@ class ModelSpec:
 class DataIdentity:
     """Which data a member trained on: enough to refuse any other data, wherever it is stored."""
 
-    card_sha256: str
+    card_sha256: str  # the card it trained with (a copy of the dataset elsewhere has the same card)
     seed: int
     sub_dataset: str  # sub-KK
-    train_sha256: str  # the card's splits.train.sha256[k]: its shards of train
-    val_sha256: str  # splits.val.sha256[k]
+    val_sha256: str  # the card's splits.val.sha256[k]: the val shards it was validated on
 
     @classmethod
     def of(cls, card: DatasetCard, shard: int) -> DataIdentity:
-        return cls(card.sha256, card.seed, card.sub_datasets[shard], card.splits["train"].sha256[shard],
-                   card.splits["val"].sha256[shard])
+        return cls(card.sha256, card.seed, card.sub_datasets[shard], card.splits["val"].sha256[shard])
 
 
 # Fields a member shares with the card of the data it can be evaluated on, checked in this order.
@@ -116,8 +114,7 @@ class RunRecord:
             "shard": self.shard,
             "data": self.data,
             "dataset": {"card_sha256": self.dataset.card_sha256, "seed": self.dataset.seed,
-                        "sub_dataset": self.dataset.sub_dataset, "train_sha256": self.dataset.train_sha256,
-                        "val_sha256": self.dataset.val_sha256},
+                        "sub_dataset": self.dataset.sub_dataset, "val_sha256": self.dataset.val_sha256},
             **{name: getattr(self, name) for name in CARD_FIELDS},
             "dct_scale": self.dct_scale,
             "sample_shape": list(self.sample_shape),
@@ -141,13 +138,12 @@ class RunRecord:
                 return f"was trained with {name}={trained!r} but {data} has {name}={wanted!r}"
         if self.shard >= card.split:
             return f"is member {self.shard}, but {data} has {card.split} sub-datasets"
-        here = DataIdentity.of(card, self.shard)
-        mine = self.dataset
-        if (mine.train_sha256, mine.val_sha256) == (here.train_sha256, here.val_sha256):
+        # The val shards decide: the same val images as the member was validated on are none it trained on.
+        # Another --seed, another preparation, another corpus all change them; a copy elsewhere does not.
+        mine, here = self.dataset, DataIdentity.of(card, self.shard)
+        if mine.val_sha256 == here.val_sha256:
             return None
-        which = " and ".join(split for split, a, b in (("train", mine.train_sha256, here.train_sha256),
-                                                        ("val", mine.val_sha256, here.val_sha256)) if a != b)
         cause = (f"prepared with --seed {mine.seed} then, --seed {here.seed} now" if mine.seed != here.seed
-                 else "the data was prepared again differently or its shards were replaced")
-        return (f"was trained on other data than {data}: its {which} shards of {mine.sub_dataset} differ from "
-                f"those the member saw (card {mine.card_sha256[:12]} then, {here.card_sha256[:12]} now; {cause})")
+                 else "prepared again, from other sources or with other options")
+        return (f"was trained on other data than {data}: the val shards of {mine.sub_dataset} differ from those "
+                f"it was validated on (card {mine.card_sha256[:12]} then, {here.card_sha256[:12]} now; {cause})")

@@ -77,7 +77,7 @@ def make_dataset(
         quality=95, seed=0, shard_size=shard_size, val_per_class=0, min_per_class=0, min_side=1, max_pixels=1 << 30,
         num_classes=num_classes, class_table_sha256=class_table_sha256(num_classes), sub_datasets=tuple(names),
         splits={
-            "train": SplitSummary(0, 0, tuple(schemas.listing_sha256([], []) for _ in names)),
+            "train": SplitSummary(0, 0),
             "val": SplitSummary(len(starts), num_samples, tuple(
                 schemas.listing_sha256(val_files, [r["sha256"] for r in digests if r["sub_dataset"] == k])
                 for k in range(num_subs))),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from subspectral.schemas import ContractError, DatasetCard
 from subspectral.train.storage import DataError, exists, join, read_bytes, read_json
@@ -45,16 +46,20 @@ def shard_uris(data_uri: str, card: DatasetCard, member: int, split: str) -> lis
     return uris
 
 
-def shard_digests(data_uri: str, card: DatasetCard, member: int, split: str) -> list[str]:
-    """SHA-256 of each of sub-dataset ``member``'s shards of ``split`` (shards.parquet, checked against the card)."""
-    _check_member(card, member)
+def read_shard_table(data_uri: str) -> pa.Table:
+    """shards.parquet: every tar's SHA-256 (read once, then ``shard_digests`` per sub-dataset)."""
     table_uri = join(data_uri, "shards.parquet")
     try:
-        table = pq.read_table(io.BytesIO(read_bytes(table_uri)))
+        return pq.read_table(io.BytesIO(read_bytes(table_uri)))
     except FileNotFoundError as exc:
         raise DataError(f"{table_uri} is missing: the shards of {data_uri} cannot be verified") from exc
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"{table_uri} is unreadable: {' '.join(str(exc).split())}") from exc
+
+
+def shard_digests(data_uri: str, card: DatasetCard, table: pa.Table, member: int, split: str) -> list[str]:
+    """SHA-256 of each of sub-dataset ``member``'s shards of ``split``, from ``table`` checked against the card."""
+    _check_member(card, member)
     try:
         return card.shard_digests(table, split, member)
     except (ContractError, KeyError) as exc:

@@ -99,7 +99,7 @@ def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.d
     """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
     from subspectral.train.ensemble.lockstep import Stream
     from subspectral.train.ensemble.members import MemberError, check_compatible, load_member, read_run
-    from subspectral.train.prepared import read_card, shard_digests, shard_uris
+    from subspectral.train.prepared import read_card, read_shard_table, shard_digests, shard_uris
     from subspectral.train.storage import absolute_uri
 
     run = read_run(path)
@@ -111,7 +111,7 @@ def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.d
         raise MemberError(f"--baseline {path}: {data} has another class table than the ensemble's data")
     check_compatible(run, baseline_card, data)
     stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), baseline_card.sample_shape,
-                    baseline_card.dtype, shard_digests(data, baseline_card, 0, "val"))
+                    baseline_card.dtype, shard_digests(data, baseline_card, read_shard_table(data), 0, "val"))
     info = {"path": absolute_uri(str(path)), "data": data, "ten_crop": ten_crop,
             "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1}
     return Baseline(load_member(run, device), stream, ten_crop, info)
@@ -209,7 +209,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         render_markdown,
         write_reports,
     )
-    from subspectral.train.prepared import shard_digests, shard_uris
+    from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
     from subspectral.train.storage import DataError, absolute_uri
     from tqdm import tqdm
 
@@ -219,9 +219,10 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     runs, missing = select_runs(args, card, announce=workers.is_main)
     members = [load_member(run, device) for run in runs]
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
+    shard_table = read_shard_table(data)
     streams = [
         Stream(folders[r.shard], shard_uris(data, card, r.shard, "val"), card.sample_shape, card.dtype,
-               shard_digests(data, card, r.shard, "val"))
+               shard_digests(data, card, shard_table, r.shard, "val"))
         for r in runs
     ] + ([baseline.stream] if baseline else [])
     lockstep = Lockstep([s.part(workers.rank, workers.world) for s in streams], args.batch_size)
