@@ -50,10 +50,9 @@ def _rss_mb() -> float:
 def _members(args: argparse.Namespace, stem: str, count: int) -> list[SimpleNamespace]:
     """``count`` members as the trainer holds them: model, optimizer, schedule, scaler, no EMA."""
     import torch
-
-    from train.config import Recipe
-    from train.engine import build_optimizer, build_scheduler
-    from train.models import create_model
+    from subspectral.train.config import Recipe
+    from subspectral.train.engine import build_optimizer, build_scheduler
+    from subspectral.train.models import create_model
 
     members = []
     for k in range(count):
@@ -78,9 +77,8 @@ def _batches(args: argparse.Namespace, size: int, channels: int, count: int) -> 
 
 def _context(args: argparse.Namespace):
     import torch
-
-    from train.config import TrainConfig
-    from train.engine import StepContext
+    from subspectral.train.config import TrainConfig
+    from subspectral.train.engine import StepContext
 
     return StepContext(torch.device(args.device), torch.bfloat16 if args.amp else None, CLASSES, TrainConfig())
 
@@ -92,8 +90,7 @@ class _NoBar:
 
 def _sequential(args: argparse.Namespace, stem: str, size: int, count: int):
     import numpy as np
-
-    from train.engine import train_one_epoch
+    from subspectral.train.engine import train_one_epoch
 
     members, ctx = _members(args, stem, count), _context(args)
 
@@ -132,9 +129,8 @@ def _streams(args: argparse.Namespace, stem: str, size: int, count: int):
 def _grouped(args: argparse.Namespace, stem: str, size: int, count: int, graphs: bool):
     import numpy as np
     import torch
-
-    from train.fused import fuse_members
-    from train.fused_trainer import train_fused_epoch
+    from subspectral.train.fused import fuse_members
+    from subspectral.train.fused_trainer import train_fused_epoch
 
     members, ctx = _members(args, stem, count), _context(args)
     layout = torch.channels_last if args.device == "cuda" else torch.contiguous_format
@@ -257,6 +253,42 @@ def compute_table(args: argparse.Namespace) -> None:
         cells = [_median(values, key, fmt) for key, fmt in (("member_images_per_s", "rate"), ("cost_vs_224", ".3f"),
                                                            ("vs_sequential", ".2f"), ("peak_mb", ",.0f"))]
         print(f"| {config[0]} | {config[1]} @{config[2]} | {config[3]} | " + " | ".join(cells) + " |")
+    _goals(configs, rounds, args.device)
+
+
+GOAL_COST = 1 / 12  # per member-image against one 224x224 image (the FLOP ratio is 1/16 at 56x56)
+GOAL_RATE = 50_000  # member-images/s, imagenet stem, one H100/H200
+GOAL_SPEEDUP = 5.0  # 36 members in one process against one after another
+
+
+def _fused(configs: list[tuple[str, str, int, int]], rounds: list[dict], key: str,
+           count: int | None = None) -> list[tuple[float, str]]:
+    """(median of ``key``, form) of every fused form, imagenet stem (at ``count`` members, or any)."""
+    found = []
+    for config in configs:
+        values = [r[config] for r in rounds]
+        if (config[0] not in ("reference", "sequential") and config[1] == "imagenet"
+                and count in (None, config[3]) and all(key in v for v in values)):
+            found.append((statistics.median(v[key] for v in values), f"{config[0]}, K={config[3]}"))
+    return found
+
+
+def _goals(configs: list[tuple[str, str, int, int]], rounds: list[dict], device: str) -> None:
+    """The issue's goals, each from the best fused form of this run (medians over rounds)."""
+    cost = _fused(configs, rounds, "cost_vs_224")
+    goals = [("cost per member-image <= 1/12 of one 224x224 image", min(cost) if cost else None,
+              lambda v: v <= GOAL_COST, ".3f"),
+             (f">= {GOAL_RATE:,} member-images/s (one H100/H200)",
+              max(_fused(configs, rounds, "member_images_per_s"), default=None), lambda v: v >= GOAL_RATE, ",.0f"),
+             (f"36 members >= {GOAL_SPEEDUP:g} x one after another",
+              max(_fused(configs, rounds, "vs_sequential", 36), default=None), lambda v: v >= GOAL_SPEEDUP, ".2f")]
+    print("\ngoals (the best fused form of this run; imagenet stem at 56x56):")
+    for goal, found, met, fmt in goals:
+        if found is None:
+            print(f"- {goal}: not measured in this run")
+            continue
+        where = "" if device == "cuda" else " (not a GPU: the goals are for one)"
+        print(f"- {goal}: {'met' if met(found[0]) else 'NOT met'}, {format(found[0], fmt)} ({found[1]}){where}")
 
 
 def _median(rows: list[dict], key: str, fmt: str) -> str:
@@ -274,10 +306,9 @@ def _rate(value: float) -> str:
 def loader_table(args: argparse.Namespace) -> None:
     """Member-images/s the fused input pipeline delivers, and GPU JPEG decode of the same samples."""
     from bench_train_throughput import make_view
+    from subspectral.train.prepared import read_card
 
-    from train.data import read_card
-
-    counts = [k for k in (int(k) for k in args.members.split(",")) if k <= int(read_card(args.data)["split"])]
+    counts = [k for k in (int(k) for k in args.members.split(",")) if k <= read_card(args.data).split]
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / "view"  # each member's train shards listed --repeat times
         for k in range(max(counts)):
@@ -292,16 +323,16 @@ def loader_table(args: argparse.Namespace) -> None:
 
 def _loader_row(args: argparse.Namespace, data: str, count: int) -> str:
     import torch
-
-    from train.config import DataConfig
-    from train.data import make_loader, read_card, shard_uris
-    from train.fused_data import FusedTrainStream
-    from train.shards import iter_samples, to_sample
-    from train.storage import read_bytes
+    from subspectral.train.config import DataConfig
+    from subspectral.train.data import make_loader
+    from subspectral.train.fused_data import FusedTrainStream
+    from subspectral.train.prepared import read_card, shard_uris
+    from subspectral.train.shards import iter_samples, to_sample
+    from subspectral.train.storage import read_bytes
 
     card = read_card(data)
     uris = [shard_uris(data, card, k, "train") for k in range(count)]
-    batches = int(card["splits"]["train"]["samples"]) // args.batch
+    batches = card.splits["train"].samples // args.batch
     stream = FusedTrainStream(uris, card, DataConfig(), batch_size=args.batch, batches_per_epoch=batches, rank=0,
                               world=1, seed=0)
     start = time.perf_counter()

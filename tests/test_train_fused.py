@@ -24,18 +24,20 @@ import pytest
 import torch
 from conftest import fails_with_one_line, kill_when_written, run_cli
 from ensemble_fixtures import write_shard
-
-from pipeline.sample import sample_corpus
-from train.config import DataConfig, apply_overrides, load_recipe
-from train.data import EvalStream, TrainStream, make_loader, read_card, shard_uris
-from train.distributed import DistInfo
-from train.engine import train_one_epoch
-from train.fused import fuse_members, own_storage
-from train.fused_data import FusedEvalStream, FusedTrainStream, aligned_piece_samples, decode_aligned
-from train.fused_trainer import GroupMember, train_fused_epoch
-from train.models import create_model
-from train.storage import DataError
-from train.trainer import MemberJob, MemberTrainer
+from subspectral.pipeline.sample import sample_corpus
+from subspectral.train.config import DataConfig, apply_overrides, load_recipe
+from subspectral.train.data import make_loader
+from subspectral.train.distributed import DistInfo
+from subspectral.train.engine import train_one_epoch
+from subspectral.train.fused import fuse_members, own_storage
+from subspectral.train.fused_data import FusedEvalStream, FusedTrainStream, aligned_piece_samples, decode_aligned
+from subspectral.train.fused_trainer import GroupMember, train_fused_epoch
+from subspectral.train.models import create_model
+from subspectral.train.prepared import read_card, shard_uris
+from subspectral.train.run import MemberJob
+from subspectral.train.storage import DataError
+from subspectral.train.stream import EvalStream, TrainStream
+from subspectral.train.trainer import MemberTrainer
 
 MEMBERS = 4
 
@@ -154,8 +156,8 @@ def test_an_overflowing_member_skips_its_own_step_only():
 
 def test_fused_step_in_cuda_settings_bf16_channels_last_compiled():
     """The CUDA path's settings, run on the CPU: bf16 autocast, channels_last weights, torch.compile (aot_eager)."""
-    from train.config import TrainConfig
-    from train.engine import StepContext
+    from subspectral.train.config import TrainConfig
+    from subspectral.train.engine import StepContext
 
     members, solo = [], []
     for group in (members, solo):
@@ -196,7 +198,7 @@ class _NoBar:
 
 
 def _context(recipe, classes: int):
-    from train.engine import StepContext
+    from subspectral.train.engine import StepContext
 
     return StepContext(torch.device("cpu"), None, classes, recipe.train)
 
@@ -236,7 +238,7 @@ def _encoded(value: int) -> np.ndarray:
 
 
 def test_misaligned_sub_datasets_stop_with_one_line(tmp_path):
-    from train.data import Piece, StreamStats, piece_source
+    from subspectral.train.stream import Piece, StreamStats, piece_source
 
     def samples(*shards: Path) -> list[dict]:
         stats = StreamStats()
@@ -266,7 +268,7 @@ EVERYTHING = ["data.batch_size=10", "train.ema_decay=0.9", "train.grad_clip=0.5"
 
 
 def _trainers(cls, small4: Path, out: Path, recipe) -> list[MemberTrainer]:
-    trainers = [cls(MemberJob(str(small4), k, out, False, torch.device("cpu"), False), recipe, DistInfo())
+    trainers = [cls(MemberJob(str(small4), k, out, False, False), recipe, DistInfo(), torch.device("cpu"))
                 for k in range(MEMBERS)]
     for k, trainer in enumerate(trainers):
         trainer.build()
@@ -278,8 +280,8 @@ def _trainers(cls, small4: Path, out: Path, recipe) -> list[MemberTrainer]:
 
 
 def test_fused_epoch_equals_each_members_solo_epoch_in_float64(small4, tmp_path, monkeypatch):
-    from train.fused import FusedInputNorm
-    from train.models import InputNorm
+    from subspectral.train.fused import FusedInputNorm
+    from subspectral.train.models import InputNorm
 
     def to_buffer_dtype(self, batch):  # the float64 network takes float64 input
         return (batch.permute(0, 3, 1, 2).to(self.mean.dtype) * self.scale - self.mean) / self.std
@@ -426,11 +428,11 @@ def test_members_go_in_groups_of_k_and_the_rest_alone(small4, tmp_path):
 
 
 def test_fused_groups_refuse_torchrun():
-    from train.config import ConfigError
-    from train.fused_trainer import FusedGroup
+    from subspectral.train.config import ConfigError
+    from subspectral.train.fused_trainer import FusedGroup
 
     with pytest.raises(ConfigError, match="not under torchrun"):
-        FusedGroup([], load_recipe("sample"), DistInfo(rank=0, world=2))
+        FusedGroup([], load_recipe("sample"), DistInfo(rank=0, world=2), torch.device("cpu"))
 
 
 def test_bad_fuse_values_fail_with_one_line(small4, tmp_path):

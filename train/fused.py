@@ -22,10 +22,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from subspectral.train.ebv import EBVHead
+from subspectral.train.models import InputNorm, SubNetwork
 from torch import nn
-
-from train.ebv import EBVHead
-from train.models import InputNorm, SubNetwork
 
 # Modules whose forward is blind to the channel count: kept as they are (containers included).
 _CHANNEL_BLIND = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Flatten,

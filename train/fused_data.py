@@ -4,7 +4,7 @@ Sample i of shard j is the same image in every sub-dataset (docs/format.md, "Ali
 stream serves K members: each piece is read from the K sub-datasets at once and every sample's key
 and label are checked to agree across them (a difference stops the run with one line naming it,
 like ensemble-eval's lockstep reader). Shuffling, augmentation and batching are the trainer's own
-stages (``train.data``), drawn from the same seeds: member k sees exactly the batches it would see
+stages (``train.stream``), drawn from the same seeds: member k sees exactly the batches it would see
 trained alone. A batch is ``[B, H, W, K·C]``: member k's sub-image in channels k·C .. k·C + C - 1,
 which is what ``train.fused.FusedNetwork`` takes. A sample unreadable in any sub-dataset is dropped
 from all of them (counted in ``skipped``), so the members always see the same images.
@@ -17,10 +17,10 @@ from itertools import zip_longest
 from typing import Any
 
 import numpy as np
-
-from train.data import EvalStream, StreamStats, TrainStream, decode_sample
-from train.shards import CorruptShard, iter_samples
-from train.storage import DataError, read_bytes
+from subspectral.schemas import DatasetCard
+from subspectral.train.shards import CorruptShard, iter_samples
+from subspectral.train.storage import DataError, read_bytes
+from subspectral.train.stream import EvalStream, StreamStats, TrainStream, decode_sample
 
 
 def _read(url: str) -> bytes:
@@ -92,12 +92,12 @@ def _widen(shape: tuple[int, int, int], members: int) -> tuple[int, int, int]:
 
 
 class _Aligned:
-    """Mixin: a ``train.data`` stream over K aligned sub-datasets (``member_uris[k]``: member k's shards)."""
+    """Mixin: a ``train.stream`` stream over K aligned sub-datasets (``member_uris[k]``: member k's shards)."""
 
     read_samples = staticmethod(aligned_piece_samples)
     decode = staticmethod(decode_aligned)
 
-    def __init__(self, member_uris: Sequence[Sequence[str]], card: dict, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, member_uris: Sequence[Sequence[str]], card: DatasetCard, *args: Any, **kwargs: Any) -> None:
         super().__init__(_by_shard(member_uris), card, *args, **kwargs)
         self.shape = _widen(self.shape, len(member_uris))
 

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from train.fused import FusedNetwork, fuse_members
-from train.members import Member, TorchMember
+from subspectral.train.ensemble.members import Member, TorchMember
+from subspectral.train.fused import FusedNetwork, fuse_members
 
 
 def _architecture(member: Member) -> str | None:

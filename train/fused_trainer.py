@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from subspectral.train.config import ConfigError, Recipe
+from subspectral.train.data import make_loader
+from subspectral.train.distributed import DistInfo
+from subspectral.train.engine import StepContext, batch_on_device
+from subspectral.train.epochs import EpochBook
+from subspectral.train.fused import FusedNetwork, fuse_members, own_storage
+from subspectral.train.fused_data import FusedEvalStream, FusedTrainStream
+from subspectral.train.mixing import mix_batch
+from subspectral.train.progress import EpochProgress
+from subspectral.train.run import MemberJob
+from subspectral.train.trainer import _EVAL_BATCH, MemberTrainer
 from torch import nn
-
-from train.config import ConfigError, Recipe
-from train.data import make_loader
-from train.distributed import DistInfo
-from train.engine import StepContext, batch_on_device, mix_batch
-from train.epochs import EpochBook
-from train.fused import FusedNetwork, fuse_members, own_storage
-from train.fused_data import FusedEvalStream, FusedTrainStream
-from train.progress import EpochProgress
-from train.trainer import _EVAL_BATCH, MemberJob, MemberTrainer
 
 
 class GroupMember(MemberTrainer):
@@ -133,7 +134,7 @@ def evaluate_fused(net: FusedNetwork, batches: Iterable[dict[str, torch.Tensor]]
 class FusedGroup:
     """K members of one recipe trained together; ``run()`` -> each member's final.json content by shard."""
 
-    def __init__(self, jobs: Sequence[MemberJob], recipe: Recipe, dist: DistInfo) -> None:
+    def __init__(self, jobs: Sequence[MemberJob], recipe: Recipe, dist: DistInfo, device: torch.device) -> None:
         if dist.enabled:
             raise ConfigError("train.fuse > 1 trains members on one device in one process, not under torchrun: "
                               "start one fused group per process (docs/training.md)")
@@ -141,7 +142,8 @@ class FusedGroup:
         if len(set(shards)) != len(shards):
             raise ConfigError(f"--shard names a member twice: {shards}")
         self.recipe = recipe
-        self.members = [GroupMember(job, recipe, dist) for job in jobs]
+        self.device = device
+        self.members = [GroupMember(job, recipe, dist, device) for job in jobs]
 
     def run(self) -> dict[int, dict[str, Any]]:
         finals = {m.job.shard: m.run() for m in self.members if m.state == "done"}
@@ -165,7 +167,7 @@ class FusedGroup:
 
     def _train(self, members: list[GroupMember], books: list[EpochBook], start: int) -> None:
         first, train_cfg = members[0], self.recipe.train
-        device = first.job.device
+        device = self.device
         layout = torch.channels_last if device.type == "cuda" and train_cfg.channels_last else torch.contiguous_format
         net = fuse_members([m.model for m in members], share=True, memory_format=layout)
         trained = torch.compile(net, backend=train_cfg.compile_backend) if train_cfg.compile else net
@@ -201,12 +203,13 @@ class FusedGroup:
         return fuse_members([m.ema.module for m in members])
 
 
-def train_fused_groups(jobs: Sequence[MemberJob], recipe: Recipe, dist: DistInfo) -> dict[int, dict[str, Any]]:
+def train_fused_groups(jobs: Sequence[MemberJob], recipe: Recipe, dist: DistInfo,
+                       device: torch.device) -> dict[int, dict[str, Any]]:
     """``jobs`` in groups of ``train.fuse`` members, one group after another; final.json content by shard.
 
     Each group checks everything (data, shards, recipe, checkpoints) before it trains."""
     size = recipe.train.fuse
     finals: dict[int, dict[str, Any]] = {}
     for first in range(0, len(jobs), size):
-        finals.update(FusedGroup(jobs[first:first + size], recipe, dist).run())
+        finals.update(FusedGroup(jobs[first:first + size], recipe, dist, device).run())
     return {job.shard: finals[job.shard] for job in jobs}
