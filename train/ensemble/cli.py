@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
-FUSE_DEFAULT = 36  # members per fused forward pass (train/fused_predict.py); see BENCHMARKS.md "Fused training"
+# Members per fused forward pass (train/fused_predict.py) when --fuse is not given: on a GPU, where one small
+# network per launch leaves it idle; on the CPU each member alone (no faster fused there: BENCHMARKS.md,
+# "Fused training").
+FUSE_DEFAULT = {"cuda": 36, "cpu": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    parser.add_argument("--fuse", type=int, default=FUSE_DEFAULT, metavar="K",
+    parser.add_argument("--fuse", type=int, default=None, metavar="K",
                         help="run torch members of one architecture K at a time as one grouped network, one "
-                             f"forward pass per batch (default: {FUSE_DEFAULT}; 1: each member on its own)")
+                             f"forward pass per batch (default: {FUSE_DEFAULT['cuda']} on a GPU, "
+                             f"{FUSE_DEFAULT['cpu']} on the CPU; 1: each member on its own)")
 
 
 @dataclass
@@ -229,7 +233,8 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     folders = card.sub_datasets
     runs, missing = select_runs(args, card, announce=workers.is_main)
     members = [load_member(run, device) for run in runs]
-    predict = MemberPredictor(members, device, args.fuse)  # train/fused_predict.py
+    fuse = args.fuse if args.fuse is not None else FUSE_DEFAULT.get(device.type, 1)
+    predict = MemberPredictor(members, device, fuse)  # train/fused_predict.py
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shard_table = read_shard_table(data)
     streams = [
@@ -314,7 +319,7 @@ def _start(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
-    if args.fuse < 1:
+    if args.fuse is not None and args.fuse < 1:
         raise MemberError("--fuse must be at least 1 (1: each member on its own)")
     if not 0.0 < args.p < 1.0:
         raise MemberError(f"--p must lie strictly between 0 and 1, got {args.p}")
