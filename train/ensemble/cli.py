@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
 # Members per fused forward pass (train/fused_predict.py) when --fuse is not given: on a GPU, where one small
-# network per launch leaves it idle; on the CPU each member alone (no faster fused there: BENCHMARKS.md,
-# "Fused training").
+# network per launch leaves it waiting on launches; on the CPU each member alone (compute-bound there, and a
+# fused copy doubles the weights in memory). Neither is measured yet: BENCHMARKS.md, "Fused training".
 FUSE_DEFAULT = {"cuda": 36, "cpu": 1}
 
 
