@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from train.ensemble import (
     METHODS,
@@ -124,3 +126,29 @@ def test_ten_crop_views_corners_centre_and_flips() -> None:
     assert corners[0, 0, 0, 0, 0] == 0 and corners[3, 0, -1, -1, 0] == 63
     means = corners[:5, 0, ..., 0].float().mean(dim=(1, 2)).tolist()
     assert means == pytest.approx([13.5, 17.5, 45.5, 49.5, 31.5])  # the crops' own means: 8·row + col
+
+
+class LargestResult(TorchDispatchMode):
+    """Records the largest tensor (in bytes) that any torch operation returns while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                self.bytes = max(self.bytes, leaf.numel() * leaf.element_size())
+        return result
+
+
+def test_a_batch_is_fused_and_tallied_without_a_members_by_batch_by_classes_tensor() -> None:
+    members, batch, classes = 6, 8, 300
+    logits = torch.randn(members, batch, classes, generator=torch.Generator().manual_seed(0))
+    tally = Tally(num_members=members, methods=METHODS)
+    with LargestResult() as largest:
+        tally_batch(tally, logits, torch.arange(batch))
+    # Nothing larger than one float64 [B, C] (vote's running sum); the [M, B, C] terms are never built.
+    assert 0 < largest.bytes <= batch * classes * 8
+    assert tally.samples == batch

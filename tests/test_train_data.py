@@ -28,7 +28,7 @@ from train.data import (
     read_card,
     shard_uris,
 )
-from train.shards import CorruptShard, iter_samples
+from train.shards import CorruptShard, iter_samples, stream_samples
 from train.storage import DataError
 
 
@@ -57,6 +57,31 @@ def test_fast_ustar_reader_matches_tarfile_and_pax_falls_back(prepared_sample, t
     assert [(k, sorted(p)) for k, p in iter_samples(pax.read_bytes())] == [(long_key, ["cls", "jpg"])]
     with pytest.raises(CorruptShard):  # a truncated pax shard fails as corrupt, through webdataset's reader too
         list(iter_samples(pax.read_bytes()[:1500]))
+
+
+def test_streamed_reader_yields_what_the_whole_shard_reader_yields(prepared_sample, tmp_path):
+    shard = prepared_sample / "sub-03" / "train-000001.tar"
+    with open(shard, "rb", buffering=4096) as stream:  # a buffer smaller than a member: reads cross it
+        assert list(stream_samples(stream)) == list(iter_samples(shard.read_bytes()))
+    jpg = _members(shard)[1][1]
+    # Plain ustar members, then one whose name needs a pax header: the stream hands the rest to webdataset.
+    mixed = tmp_path / "mixed.tar"
+    _write_tar(mixed, [("a.cls", b"1"), ("a.jpg", jpg), (f"{'x' * 120}.cls", b"3"), (f"{'x' * 120}.jpg", jpg)],
+               tarfile.PAX_FORMAT)
+    with open(mixed, "rb") as stream:
+        assert list(stream_samples(stream)) == list(iter_samples(mixed.read_bytes()))
+    assert [key for key, _ in iter_samples(mixed.read_bytes())] == ["a", "x" * 120]
+    # Cut inside the third sample's JPEG: the two whole samples come out, then the error.
+    with tarfile.open(shard) as archive:
+        third_jpg = [m for m in archive if m.isfile()][2 * 3 + 1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:third_jpg.offset_data + third_jpg.size // 2])
+    whole = [key for key, _ in iter_samples(shard.read_bytes())]
+    with open(cut, "rb") as stream:
+        samples = stream_samples(stream)
+        assert [next(samples)[0], next(samples)[0]] == whole[:2]
+        with pytest.raises(CorruptShard, match="is truncated"):
+            next(samples)
 
 
 def test_samples_stage_yields_what_webdataset_reads(prepared_sample):

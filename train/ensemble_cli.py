@@ -15,8 +15,10 @@ Writes report.json, report.md, accuracy_vs_members.png and predictions.parquet t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 
     from train.distributed import DistInfo
     from train.ensemble import Hits, Tally
-    from train.lockstep import Lockstep, Stream
+    from train.lockstep import Lockstep, LockstepBatch, Stream
     from train.members import Member, MemberRun
     from train.report import PredictionWriter
 
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches read and decoded ahead in a background thread while the members run "
+                             "(0: read in turn with the forward passes; default: 2)")
 
 
 @dataclass
@@ -131,22 +136,25 @@ def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device
     return torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0)
 
 
-def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
+def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tally, writer: PredictionWriter,
              baseline: Baseline | None, device: torch.device, progress: Any) -> Hits | None:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
-    ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
-    Hits (or None). ``progress`` is a tqdm bar.
+    Each member's logits are fused as soon as they are computed (``BatchFusion``), so one member's
+    ``[B, C]`` logits are held at a time, not all M. ``batches`` hold the members' streams in order,
+    then the baseline's; returns the baseline's Hits (or None). ``progress`` is a tqdm bar.
     """
     import torch
 
-    from train.ensemble import Hits, tally_batch, top_k_classes
+    from train.ensemble import BatchFusion, Hits, top_k_classes
 
     baseline_hits = Hits() if baseline is not None else None
-    for batch in lockstep:
+    for batch in batches:
         labels = torch.from_numpy(batch.labels).to(device)
-        logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
-        ranked = tally_batch(tally, logits, labels)
+        fusion = BatchFusion(tally, labels)
+        for member, images in zip(members, batch.images, strict=False):
+            fusion.add(member.predict(images))
+        ranked = fusion.finish()
         if baseline is not None:
             ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
             baseline_hits.add(ranked["baseline"], labels)
@@ -208,7 +216,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     from train.data import sample_shape, shard_uris
     from train.distributed import barrier
     from train.ensemble import METHODS, Tally
-    from train.lockstep import Lockstep, Stream
+    from train.lockstep import Lockstep, Stream, prefetch
     from train.members import load_member
     from train.report import (
         PredictionWriter,
@@ -241,8 +249,9 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     total = int(card["splits"]["val"]["samples"])
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
     try:
-        with progress, torch.inference_mode():
-            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress)
+        # closing(): a failure in a member stops the reading thread at once, not when collected.
+        with progress, torch.inference_mode(), contextlib.closing(prefetch(lockstep, args.prefetch)) as batches:
+            baseline_hits = evaluate(members, batches, tally, writer, baseline, device, progress)
     except BaseException:
         writer.close()
         part.unlink(missing_ok=True)  # no half-written predictions left behind
@@ -302,6 +311,8 @@ def _start(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
+    if args.prefetch < 0:
+        raise MemberError("--prefetch must be 0 or more")
     if not 0.0 < args.p < 1.0:
         raise MemberError(f"--p must lie strictly between 0 and 1, got {args.p}")
     if args.ten_crop and args.baseline is None:

@@ -1,22 +1,31 @@
 """Stream several aligned sub-datasets in lockstep, batch by batch (docs/format.md, "Alignment").
 
 Sample i of the concatenated val shards is the same image in every sub-dataset. Each stream reads
-its shards one at a time (local paths or object-store URIs, through the trainer's ``train.storage``
-and ``train.shards``), so the val set is never held in memory. Every batch checks that all streams
-hold the same keys and labels and stops with a one-line ``MisalignedError`` naming the first
-difference. A sample that cannot be decoded in any stream is dropped from all of them (and counted
-in ``skipped``), so the members always see the same images.
+its shards one after another as byte streams (local paths or object-store URIs, through
+``train.storage.open_stream`` and ``train.shards.stream_samples``): a stream holds its read-ahead
+buffer and the current sample, never a whole shard, whatever the shard's size. Every batch checks
+that all streams hold the same keys and labels and stops with a one-line ``MisalignedError`` naming
+the first difference. A sample that cannot be decoded in any stream is dropped from all of them (and
+counted in ``skipped``), so the members always see the same images.
+
+``prefetch`` runs the reading and decoding in a background thread, a bounded number of batches
+ahead, so they overlap the members' forward passes (JPEG decoding and torch both release the GIL).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
-from train.storage import read_bytes
+from train.shards import CorruptShard, Sample, decode_into, stream_samples, to_sample
+from train.storage import open_stream
+
+T = TypeVar("T")
 
 
 class MisalignedError(ValueError):
@@ -49,19 +58,22 @@ class _Entry:
     where: str  # shard URI and position, for messages
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # object-store errors can span lines
+
+
 def _read_stream(stream: Stream) -> Iterator[_Entry]:
     for shard_index, uri in enumerate(stream.shards):
         try:
-            buffer = read_bytes(uri)
+            with open_stream(uri) as handle:
+                for position, (key, parts) in enumerate(stream_samples(handle)):
+                    yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
         except FileNotFoundError as error:
             raise MisalignedError(f"{stream.name}: shard missing: {uri}") from error
-        except OSError as error:
-            raise MisalignedError(f"{stream.name}: cannot read {uri}: {error}") from error
-        try:
-            for position, (key, parts) in enumerate(iter_samples(buffer)):
-                yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
         except CorruptShard as error:
-            raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {error}") from error
+            raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {_one_line(error)}") from error
+        except OSError as error:
+            raise MisalignedError(f"{stream.name}: cannot read {uri}: {_one_line(error)}") from error
 
 
 def _check_aligned(names: Sequence[str], rows: Sequence[Sequence[_Entry]]) -> None:
@@ -133,3 +145,54 @@ class Lockstep:
                 images=[buffer if decoded.all() else buffer[decoded] for buffer in images],
                 shards=np.array([entry.shard for entry in kept], dtype=np.int64),
             )
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` produced in a background thread, at most ``depth`` ahead of the consumer (0: in the
+    caller's thread). An exception in the producer is raised here, at the item where it happened;
+    leaving the loop early stops the producer and closes ``items``."""
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer((_END, error))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="lockstep-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
