@@ -1,10 +1,11 @@
-"""The fusion of ``train/ensemble.py`` as it was before issue 10, kept as the reference the streaming
-fusion must equal exactly (``tests/test_ensemble_reference.py``) and as the "old" side of
-``bench/bench_ensemble_scale.py``.
+"""The fusion of ``train/ensemble.py`` and the stream reader of ``train/lockstep.py`` as they were
+before issue 10, kept as the reference the streaming versions must equal exactly
+(``tests/test_ensemble_reference.py``) and as the "old" side of ``bench/bench_ensemble_scale.py``.
 
-It builds every method's per-member terms for the whole batch at once (``[M, B, C]``; float64
-softmax and one-hot for ``vote``) and ranks every prefix from them. Only the fusion is kept here:
-``top_k_classes``, ``Tally`` and ``geo_weights`` are unchanged and imported.
+The fusion builds every method's per-member terms for the whole batch at once (``[M, B, C]``;
+float64 softmax and one-hot for ``vote``) and ranks every prefix from them; the reader holds a whole
+shard, and a copy of each of its members, in memory. Only these are kept here: ``top_k_classes``,
+``Tally``, ``geo_weights`` and the parsing and decoding functions are unchanged and imported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from collections.abc import Iterator
 import torch
 
 from train.ensemble import Hits, Tally, geo_weights, top_k_classes
+from train.lockstep import MisalignedError, Stream, _Entry
+from train.shards import CorruptShard, iter_samples, to_sample
+from train.storage import read_bytes
 
 
 def member_contributions(method: str, logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,3 +66,20 @@ def tally_batch(tally: Tally, logits: torch.Tensor, labels: torch.Tensor) -> dic
         result[method] = ranked
     tally.samples += int(labels.shape[0])
     return result
+
+
+def read_stream_whole_shards(stream: Stream) -> Iterator[_Entry]:
+    """The lockstep stream reader before issue 10: each shard read whole into memory (``read_bytes``)
+    and parsed from the buffer (``iter_samples``, which copies every member), one shard at a time."""
+    for shard_index, uri in enumerate(stream.shards):
+        try:
+            buffer = read_bytes(uri)
+        except FileNotFoundError as error:
+            raise MisalignedError(f"{stream.name}: shard missing: {uri}") from error
+        except OSError as error:
+            raise MisalignedError(f"{stream.name}: cannot read {uri}: {error}") from error
+        try:
+            for position, (key, parts) in enumerate(iter_samples(buffer)):
+                yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
+        except CorruptShard as error:
+            raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {error}") from error

@@ -19,6 +19,7 @@ from train.ensemble import (
     tally_batch,
     ten_crop,
     top_k_classes,
+    top_k_of_quotient,
 )
 
 # Three members (rank order), two samples, four classes.
@@ -89,6 +90,22 @@ def test_top_k_classes_orders_exact_ties_by_index() -> None:
     scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
     assert top_k_classes(scores, 3).tolist() == [[1, 2, 4], [0, 1, 2]]
     assert top_k_classes(scores, 9).shape == (2, 5)
+
+
+def test_top_k_of_a_quotient_ranks_ties_made_by_the_division_like_the_full_quotient() -> None:
+    low = torch.tensor(1.5)
+    high = torch.nextafter(low, torch.tensor(2.0))
+    numerator = torch.stack([
+        torch.stack([low, high, torch.tensor(0.0), torch.tensor(1.0)]),
+        torch.tensor([0.0, 2.0, math.nan, 1.0]),
+        torch.tensor([3.0, 1.0, 2.0, 0.0]),
+    ])
+    # Different numerators, one quotient (a divisor below 1 rounds to a coarser grid): a tie, lower index first.
+    assert high > low and high / 0.3 == low / 0.3
+    expected = top_k_classes(numerator / 0.3, 3)
+    assert expected[0, :2].tolist() == [0, 1]
+    assert top_k_of_quotient(numerator, 0.3, 3).tolist() == expected.tolist()
+    assert top_k_of_quotient(numerator, 0.3, 9).tolist() == top_k_classes(numerator / 0.3, 9).tolist()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -77,30 +77,28 @@ def test_vote_keeps_its_tie_rule_when_streamed() -> None:
     # Ranks 0 and 1 vote for classes 1 and 2 (one vote each); class 2 has the higher mean probability.
     fusion = PrefixFusion("vote", num_members=2)
     fusion.add(torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
-    scores = fusion.add(torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
-    assert scores[0].argsort(descending=True, stable=True)[:2].tolist() == [2, 1]
+    fusion.add(torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
+    assert fusion.scores()[0].argsort(descending=True, stable=True)[:2].tolist() == [2, 1]
+    assert fusion.top_k(4).tolist() == [[2, 1, 0, 3]]
     with pytest.raises(ValueError, match="already added"):
         fusion.add(torch.zeros(1, 4))
 
 
 def reference_batches(data: str, card: dict, shards: list[int], batch_size: int):
-    """The val sets of ``shards`` read the way the command read them before issue 10: whole shards in
-    memory (``read_bytes`` + ``iter_samples``), decoded into batch buffers of ``batch_size`` in order."""
+    """The val sets of ``shards`` read the way the command read them before issue 10 (whole shards in
+    memory), decoded into batch buffers of ``batch_size`` in order: ``(entries, images per stream)``."""
     from train.data import sample_shape, shard_uris
-    from train.shards import decode_into, iter_samples, to_sample
-    from train.storage import read_bytes
+    from train.lockstep import Stream
+    from train.shards import decode_into
 
     shape, dtype = sample_shape(card)
-    samples = [
-        [(j, to_sample(key, parts)) for j, uri in enumerate(shard_uris(data, card, k, "val"))
-         for key, parts in iter_samples(read_bytes(uri))]
-        for k in shards
-    ]
-    for start in range(0, len(samples[0]), batch_size):
-        rows = [stream[start:start + batch_size] for stream in samples]
+    entries = [list(reference.read_stream_whole_shards(Stream(f"sub-{k}", shard_uris(data, card, k, "val"), shape,
+                                                               dtype))) for k in shards]
+    for start in range(0, len(entries[0]), batch_size):
+        rows = [stream[start:start + batch_size] for stream in entries]
         images = [np.empty((len(row), *shape), dtype) for row in rows]
         for buffer, row in zip(images, rows, strict=True):
-            assert all(decode_into(buffer[i], sample) for i, (_, sample) in enumerate(row))
+            assert all(decode_into(buffer[i], entry.sample) for i, entry in enumerate(row))
         yield rows[0], images
 
 
@@ -134,12 +132,12 @@ def test_the_command_on_the_sample_equals_the_reference(prepared_sample, tmp_pat
     expected = []
     with torch.inference_mode():
         for row, images in reference_batches(data, card, ranked_shards, batch_size=32):
-            labels = torch.tensor([sample.label for _, sample in row])
+            labels = torch.tensor([entry.sample.label for entry in row])
             logits = torch.stack([m.predict(batch) for m, batch in zip(members, images, strict=True)])
             ranked = reference.tally_batch(tally, logits, labels)
-            for i, (shard, sample) in enumerate(row):
+            for i, entry in enumerate(row):
                 expected.append({
-                    "key": sample.key, "label": sample.label, "shard": shard,
+                    "key": entry.key, "label": entry.sample.label, "shard": entry.shard,
                     **{f"{m.replace('-', '_')}_topk": ranked[m][i].tolist() for m in METHODS},
                     **{f"sub_{k:02d}_top1": int(ranked["members"][r, i, 0]) for r, k in enumerate(ranked_shards)},
                 })

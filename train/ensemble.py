@@ -43,13 +43,13 @@ def geo_weights(num_members: int, p: float) -> torch.Tensor:
 class PrefixFusion:
     """One method's fusion of members added one at a time, in rank order: the scores of every prefix.
 
-    ``add(logits)`` takes the next member's logits ``[B, C]`` and returns the fused scores of the
-    members added so far, ``Σᵢ wᵢ·termᵢ / Σᵢ wᵢ`` from a running sum, so the curve over n = 1 … M costs
-    one pass over the members and holds one ``[B, C]`` sum, never the ``[M, B, C]`` terms. The
-    arithmetic is the same, operation for operation, as summing the stacked terms (the terms are
-    added in rank order to a zero start; a weight of 1 is not multiplied, since x·1 = x), so the
-    scores are bit-identical to that. For ``vote`` the tie-break term is scaled by the full M given
-    here, which keeps it below half a vote for every prefix.
+    After ``add(logits)`` of the n-th member (logits ``[B, C]``), ``scores()`` are the fused scores of
+    the first n, ``Σᵢ wᵢ·termᵢ / Σᵢ wᵢ``, kept as a running sum: the curve over n = 1 … M costs one pass
+    over the members and holds one ``[B, C]`` sum, never the ``[M, B, C]`` terms. The arithmetic is
+    the same, operation for operation, as summing the stacked terms (the terms are added in rank order
+    to a zero start; a weight of 1 is not multiplied, since x·1 = x), so the scores are bit-identical
+    to that. For ``vote`` the tie-break term is scaled by the full M given here, which keeps it below
+    half a vote for every prefix.
     """
 
     def __init__(self, method: str, num_members: int, p: float = 0.3) -> None:
@@ -61,6 +61,7 @@ class PrefixFusion:
         self.weights = geo_weights(num_members, p) if method == "geo" else unit
         self.added = 0
         self._running: torch.Tensor | None = None
+        self._weight_sum = 0.0
 
     def _term(self, logits: torch.Tensor) -> torch.Tensor:
         if self.method == "mean-probs":
@@ -71,8 +72,8 @@ class PrefixFusion:
             return term
         return logits  # mean-logits, geo
 
-    def add(self, logits: torch.Tensor) -> torch.Tensor:
-        """Add the next member's logits ``[B, C]``; the fused scores ``[B, C]`` of the members so far."""
+    def add(self, logits: torch.Tensor) -> None:
+        """Add the next member's logits ``[B, C]``."""
         if self.added == self.num_members:
             raise ValueError(f"all {self.num_members} members were already added")
         term = self._term(logits)
@@ -82,7 +83,20 @@ class PrefixFusion:
             term = term * self.weights[self.added].to(device=term.device, dtype=term.dtype)
         self._running += term
         self.added += 1
-        return self._running / self.weights[: self.added].sum().item()
+        self._weight_sum = self.weights[: self.added].sum().item()
+
+    def _check_added(self) -> torch.Tensor:
+        if self._running is None:
+            raise ValueError("no member was added yet")
+        return self._running
+
+    def scores(self) -> torch.Tensor:
+        """Fused scores ``[B, C]`` of the members added so far."""
+        return self._check_added() / self._weight_sum
+
+    def top_k(self, k: int) -> torch.Tensor:
+        """``top_k_classes(self.scores(), k)``, without dividing the whole running sum."""
+        return top_k_of_quotient(self._check_added(), self._weight_sum, k)
 
 
 def fuse_prefixes(method: str, logits: Iterable[torch.Tensor], p: float = 0.3) -> Iterator[torch.Tensor]:
@@ -90,15 +104,17 @@ def fuse_prefixes(method: str, logits: Iterable[torch.Tensor], p: float = 0.3) -
     members = list(logits)
     fusion = PrefixFusion(method, len(members), p)
     for member_logits in members:
-        yield fusion.add(member_logits)
+        fusion.add(member_logits)
+        yield fusion.scores()
 
 
 def fuse(method: str, logits: Iterable[torch.Tensor], p: float = 0.3) -> torch.Tensor:
     """Fused class scores ``[B, C]`` of all M members."""
-    scores = None
-    for scores in fuse_prefixes(method, logits, p):  # noqa: B007 - the last prefix is all M members
-        pass
-    return scores
+    members = list(logits)
+    fusion = PrefixFusion(method, len(members), p)
+    for member_logits in members:
+        fusion.add(member_logits)
+    return fusion.scores()
 
 
 def top_k_classes(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,6 +129,24 @@ def top_k_classes(scores: torch.Tensor, k: int) -> torch.Tensor:
     tied = (values[:, 1:] == values[:, :-1]).any(dim=-1)
     if bool(tied.any()):
         indices[tied] = scores[tied].sort(dim=-1, descending=True, stable=True).indices[:, :width]
+    return indices[:, :k]
+
+
+def top_k_of_quotient(numerator: torch.Tensor, divisor: float, k: int) -> torch.Tensor:
+    """``top_k_classes(numerator / divisor, k)`` (``divisor`` > 0), dividing only what decides it.
+
+    Dividing by a positive number keeps the order of values but can round two of them to one quotient,
+    which then ties (lower index first). So only the k+1 largest numerators of each row are divided:
+    where their quotients are all distinct (and not NaN) nothing outside them can enter the top k and
+    topk's order is the exact answer; the other rows are ranked from their full quotients.
+    """
+    k = min(k, numerator.shape[-1])
+    width = min(k + 1, numerator.shape[-1])
+    values, indices = numerator.topk(width, dim=-1)
+    quotients = values / divisor
+    unsure = (quotients[:, 1:] == quotients[:, :-1]).any(dim=-1) | quotients.isnan().any(dim=-1)
+    if bool(unsure.any()):
+        indices[unsure, :k] = top_k_classes(numerator[unsure] / divisor, k)
     return indices[:, :k]
 
 
@@ -194,7 +228,8 @@ class BatchFusion:
         self.member_ranked.append(ranked)
         self._pending.append((self.tally.members[rank], hit_counts(ranked, self.labels)))
         for method, fusion in self.fusions.items():
-            self.ranked[method] = top_k_classes(fusion.add(logits), self.tally.k)
+            fusion.add(logits)
+            self.ranked[method] = fusion.top_k(self.tally.k)
             self._pending.append((self.tally.curve[method][rank], hit_counts(self.ranked[method], self.labels)))
 
     def finish(self) -> dict[str, torch.Tensor]:
