@@ -1,6 +1,6 @@
 """Benchmark of `cli.py ensemble-eval` at ImageNet-21K scale (issue 10): old against new, side by side.
 
-Three parts (``--part``, default all), each alternating old and new round by round in one run, every
+Four parts (``--part``, default all), each alternating old and new round by round in one run, every
 measurement in a fresh child process so that peak memory is its own; medians reported.
 
 * ``fusion``: synthetic float32 logits ``[M, B, C]`` on the CPU (M = 36, B = 256; C = 10,450 and
@@ -22,11 +22,17 @@ measurement in a fresh child process so that peak memory is its own; medians rep
   random weights (``tests/ensemble_fixtures.make_torch_run``). old: ``cli.py`` of ``--old-rev``
   (``git archive`` into a temporary folder); new: this tree, with ``--prefetch 2`` (default) and
   ``--prefetch 0``. Wall seconds and peak RSS (``/usr/bin/time``); all predictions.parquet equal.
+* ``prefetch``: what the read-ahead thread gains where it is meant to, beside an accelerator. The
+  whole command in-process on the sample prepared at ``--split`` (2,500 val images by default), all
+  N members simulated accelerator members whose forward pass waits ``--forward-ms`` per batch without
+  using the CPU (as the host does while a GPU computes; zero logits), ``--prefetch 0`` against 2.
+  With 0 ms the wall time is the reading and decoding alone.
 
     .venv/bin/python bench/bench_ensemble_scale.py                                    # everything
     .venv/bin/python bench/bench_ensemble_scale.py --part fusion --rounds 3
     .venv/bin/python bench/bench_ensemble_scale.py --part streams --shard-mb 16 64 256 --s3
     .venv/bin/python bench/bench_ensemble_scale.py --part sample --members 6 --rounds 3
+    .venv/bin/python bench/bench_ensemble_scale.py --part prefetch --forward-ms 0 20 40
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -306,6 +313,68 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return [row]
 
 
+class SimulatedAcceleratorMember:
+    """A member whose forward pass waits ``seconds`` per batch without using the CPU, as the host
+    waits while a GPU computes; zero logits. Stands in for the accelerator this machine lacks."""
+
+    def __init__(self, shard: int, meta: dict[str, Any], seconds: float, classes: int) -> None:
+        self.shard, self.meta, self.seconds, self.classes = shard, meta, seconds, classes
+
+    def predict(self, images: Any) -> Any:
+        import torch
+
+        time.sleep(self.seconds)
+        return torch.zeros(len(images), self.classes)
+
+
+def bench_prefetch(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """The whole command in-process on the sample prepared at --split, all N members simulated
+    accelerator members (``--forward-ms`` per member and batch), ``--prefetch 0`` against 2."""
+    from bench_ensemble import prepare
+    from ensemble_fixtures import make_run
+
+    from train import ensemble_cli
+    from train.data import read_card
+    from train.members import register_loader
+
+    data, runs = tmp / "data", tmp / "runs"
+    prepare(data, args.split, args.prefetch_per_class, args.prefetch_val_per_class)
+    card = read_card(str(data))
+    images = int(card["splits"]["val"]["samples"])
+    forward = {"seconds": 0.0}  # changed per configuration; read by the loader's members
+    register_loader("simulated-accelerator")(
+        lambda run, device: SimulatedAcceleratorMember(run.shard, run.run, forward["seconds"], card["num_classes"]))
+    for k in range(args.split):
+        make_run(runs, card, k, 50.0, backend="simulated-accelerator", data=str(data))
+    parser = argparse.ArgumentParser()
+    ensemble_cli.add_arguments(parser)
+    rows = []
+    for forward_ms in args.forward_ms:
+        forward["seconds"] = forward_ms / 1000
+        walls: dict[int, list[float]] = {0: [], 2: []}
+        for _ in range(args.rounds):
+            for depth in walls:
+                options = parser.parse_args(["--data", str(data), "--runs", str(runs), "--out", str(tmp / "report"),
+                                             "--device", "cpu", "--batch-size", str(args.batch_size),
+                                             "--prefetch", str(depth)])
+                start = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    if ensemble_cli.run(options) != 0:
+                        raise SystemExit("ensemble-eval failed")
+                walls[depth].append(time.perf_counter() - start)
+        batches = -(-images // args.batch_size)
+        row = {"part": "prefetch", "members": args.split, "val_images": images, "batches": batches,
+               "forward_ms_per_member_batch": forward_ms,
+               "forward_s_per_batch": round(args.split * forward_ms / 1000, 3),
+               **{f"prefetch {depth}": {"wall_s": round(statistics.median(values), 2),
+                                        "wall_s_min_max": [round(min(values), 2), round(max(values), 2)]}
+                  for depth, values in walls.items()}}
+        row["gain"] = round(row["prefetch 0"]["wall_s"] / row["prefetch 2"]["wall_s"], 2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, *rest = sys.argv[2:]
@@ -317,7 +386,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("fusion", "streams", "sample", "all"), default="all")
+    parser.add_argument("--part", choices=("fusion", "streams", "sample", "prefetch", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=3, help="old/new rounds per configuration (default: 3)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of every measured process (OMP_NUM_THREADS; default: torch's)")
@@ -332,6 +401,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="sample: images per class (10 classes)")
     parser.add_argument("--val-per-class", type=int, default=50, help="sample: of those, val images per class")
     parser.add_argument("--old-rev", default=OLD_REV, help=f"sample: the old revision (default: {OLD_REV})")
+    parser.add_argument("--forward-ms", type=float, nargs="+", default=[0, 20, 40],
+                        help="prefetch: simulated forward time per member and batch, ms (default: 0 20 40)")
+    parser.add_argument("--prefetch-per-class", type=int, default=300, help="prefetch: images per class")
+    parser.add_argument("--prefetch-val-per-class", type=int, default=250, help="prefetch: val images per class")
     args = parser.parse_args()
     if args.threads:
         THREADS_ENV["OMP_NUM_THREADS"] = str(args.threads)
@@ -339,7 +412,7 @@ def main() -> None:
 
     import torch
 
-    parts = ("fusion", "streams", "sample") if args.part == "all" else (args.part,)
+    parts = ("fusion", "streams", "sample", "prefetch") if args.part == "all" else (args.part,)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_ensemble_scale_") as tmp:
         for part in parts:
@@ -349,8 +422,10 @@ def main() -> None:
                 results += bench_fusion(args)
             elif part == "streams":
                 results += bench_streams(args, workdir)
-            else:
+            elif part == "sample":
                 results += bench_sample(args, workdir)
+            else:
+                results += bench_prefetch(args, workdir)
     machine = {"machine": platform.machine(), "cpus": os.cpu_count(),
                "torch_threads": args.threads or torch.get_num_threads(),
                "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
