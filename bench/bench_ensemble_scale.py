@@ -15,24 +15,24 @@ measurement in a fresh child process so that peak memory is its own; medians rep
   JPEG samples in the prepare layout), batches of 256 decoded. old: the reader before issue 10
   (``tests/ensemble_reference.read_stream_whole_shards``: the whole shard in memory); new:
   ``train.lockstep`` streaming. Peak RSS above the child's RSS before reading; the growth with the
-  shard's size is the point. With ``--s3`` the new reader also streams each shard from a moto
-  server on loopback and the GET requests are counted from the server's request log.
+  shard's size is the point. With ``--s3`` both also read each shard from a moto server on loopback
+  (once per size) and the GET requests are counted from the server's request log.
 * ``sample``: the whole command (``cli.py ensemble-eval``) on the embedded sample prepared at
   ``--split``, members with the sample recipe's network (resnet18, imagenet stem) and deterministic
   random weights (``tests/ensemble_fixtures.make_torch_run``). old: ``cli.py`` of ``--old-rev``
   (``git archive`` into a temporary folder); new: this tree, with ``--prefetch 2`` (default) and
   ``--prefetch 0``. Wall seconds and peak RSS (``/usr/bin/time``); all predictions.parquet equal.
-* ``prefetch``: what the read-ahead thread gains where it is meant to, beside an accelerator. The
-  whole command in-process on the sample prepared at ``--split`` (2,500 val images by default), all
-  N members simulated accelerator members whose forward pass waits ``--forward-ms`` per batch without
-  using the CPU (as the host does while a GPU computes; zero logits), ``--prefetch 0`` against 2.
-  With 0 ms the wall time is the reading and decoding alone.
+* ``prefetch``: what the read-ahead thread gains where it is meant to, beside an accelerator. The N
+  val streams of the sample prepared at ``--split`` (2,500 val images by default) read in lockstep
+  (``train.lockstep.Lockstep``) through ``prefetch`` with depth 0 and 2; per batch the consumer waits
+  ``--forward-ms`` × N without using the CPU, as the host does while a GPU runs the members. Wall
+  seconds, seconds spent waiting for batches, CPU seconds per batch (reading, parsing, decoding).
 
     .venv/bin/python bench/bench_ensemble_scale.py                                    # everything
     .venv/bin/python bench/bench_ensemble_scale.py --part fusion --rounds 3
     .venv/bin/python bench/bench_ensemble_scale.py --part streams --shard-mb 16 64 256 --s3
     .venv/bin/python bench/bench_ensemble_scale.py --part sample --members 6 --rounds 3
-    .venv/bin/python bench/bench_ensemble_scale.py --part prefetch --forward-ms 0 20 40
+    .venv/bin/python bench/bench_ensemble_scale.py --part prefetch --forward-ms 0 10 20 --rounds 5
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import os
 import platform
@@ -251,12 +250,14 @@ def bench_streams(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             env = {**os.environ, **S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
             for row, (path, samples) in zip(rows, shards, strict=True):
                 client.upload_file(str(path), "bench-streams", path.name)
-                before = log.read_text().count(f"GET /bench-streams/{path.name}")
-                measured = in_child("stream", "new", f"s3://bench-streams/{path.name}", env=env)
-                gets = log.read_text().count(f"GET /bench-streams/{path.name}") - before
-                row["new_s3"] = {"GET_requests": gets, "read_ahead_MiB": REMOTE_READ_AHEAD >> 20,
-                                 "peak_MB_above_start": round(measured["peak_above_start"] / 1e6, 1),
-                                 "s_per_1000_images": round(measured["seconds"] * 1000 / samples, 3)}
+                for implementation in ("old", "new"):
+                    before = log.read_text().count(f"GET /bench-streams/{path.name}")
+                    measured = in_child("stream", implementation, f"s3://bench-streams/{path.name}", env=env)
+                    gets = log.read_text().count(f"GET /bench-streams/{path.name}") - before
+                    row[f"{implementation}_s3"] = {
+                        "GET_requests": gets, "peak_MB_above_start": round(measured["peak_above_start"] / 1e6, 1),
+                        "s_per_1000_images": round(measured["seconds"] * 1000 / samples, 3)}
+                row["new_s3"]["read_ahead_MiB"] = REMOTE_READ_AHEAD >> 20
                 print(json.dumps(row), file=sys.stderr)
     return rows
 
@@ -313,62 +314,56 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return [row]
 
 
-class SimulatedAcceleratorMember:
-    """A member whose forward pass waits ``seconds`` per batch without using the CPU, as the host
-    waits while a GPU computes; zero logits. Stands in for the accelerator this machine lacks."""
-
-    def __init__(self, shard: int, meta: dict[str, Any], seconds: float, classes: int) -> None:
-        self.shard, self.meta, self.seconds, self.classes = shard, meta, seconds, classes
-
-    def predict(self, images: Any) -> Any:
-        import torch
-
-        time.sleep(self.seconds)
-        return torch.zeros(len(images), self.classes)
+def _consume(batches: Any, forward_seconds: float) -> dict[str, float]:
+    """Take every batch, then wait ``forward_seconds`` without using the CPU, as the host does while an
+    accelerator runs the members; the time spent waiting for batches is measured apart."""
+    wall, cpu, waiting, count = time.perf_counter(), time.process_time(), 0.0, 0
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        waiting += time.perf_counter() - start
+        if batch is None:
+            break
+        count += 1
+        time.sleep(forward_seconds)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "waiting": waiting,
+            "batches": count}
 
 
 def bench_prefetch(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
-    """The whole command in-process on the sample prepared at --split, all N members simulated
-    accelerator members (``--forward-ms`` per member and batch), ``--prefetch 0`` against 2."""
+    """The N val streams of the sample prepared at --split, in lockstep, ``--prefetch 0`` against 2, with
+    a simulated accelerator forward pass per batch (``--forward-ms`` per member and batch)."""
     from bench_ensemble import prepare
-    from ensemble_fixtures import make_run
 
-    from train import ensemble_cli
-    from train.data import read_card
-    from train.members import register_loader
+    from train.data import read_card, sample_shape, shard_uris
+    from train.lockstep import Lockstep, Stream, prefetch
 
-    data, runs = tmp / "data", tmp / "runs"
+    data = tmp / "data"
     prepare(data, args.split, args.prefetch_per_class, args.prefetch_val_per_class)
     card = read_card(str(data))
-    images = int(card["splits"]["val"]["samples"])
-    forward = {"seconds": 0.0}  # changed per configuration; read by the loader's members
-    register_loader("simulated-accelerator")(
-        lambda run, device: SimulatedAcceleratorMember(run.shard, run.run, forward["seconds"], card["num_classes"]))
-    for k in range(args.split):
-        make_run(runs, card, k, 50.0, backend="simulated-accelerator", data=str(data))
-    parser = argparse.ArgumentParser()
-    ensemble_cli.add_arguments(parser)
+    shape, dtype = sample_shape(card)
+    streams = [Stream(name, shard_uris(str(data), card, k, "val"), shape, dtype)
+               for k, name in enumerate(card["sub_datasets"])]
     rows = []
     for forward_ms in args.forward_ms:
-        forward["seconds"] = forward_ms / 1000
-        walls: dict[int, list[float]] = {0: [], 2: []}
+        forward_seconds = args.split * forward_ms / 1000
+        runs: dict[int, list[dict[str, float]]] = {0: [], 2: []}
         for _ in range(args.rounds):
-            for depth in walls:
-                options = parser.parse_args(["--data", str(data), "--runs", str(runs), "--out", str(tmp / "report"),
-                                             "--device", "cpu", "--batch-size", str(args.batch_size),
-                                             "--prefetch", str(depth)])
-                start = time.perf_counter()
-                with contextlib.redirect_stdout(io.StringIO()):
-                    if ensemble_cli.run(options) != 0:
-                        raise SystemExit("ensemble-eval failed")
-                walls[depth].append(time.perf_counter() - start)
-        batches = -(-images // args.batch_size)
-        row = {"part": "prefetch", "members": args.split, "val_images": images, "batches": batches,
-               "forward_ms_per_member_batch": forward_ms,
-               "forward_s_per_batch": round(args.split * forward_ms / 1000, 3),
-               **{f"prefetch {depth}": {"wall_s": round(statistics.median(values), 2),
-                                        "wall_s_min_max": [round(min(values), 2), round(max(values), 2)]}
-                  for depth, values in walls.items()}}
+            for depth, measured in runs.items():
+                measured.append(_consume(prefetch(Lockstep(streams, args.batch_size), depth), forward_seconds))
+        batches = runs[0][0]["batches"]
+        row: dict[str, Any] = {"part": "prefetch", "streams": len(streams),
+                               "val_images": card["splits"]["val"]["samples"], "batches": batches,
+                               "forward_ms_per_member_batch": forward_ms,
+                               "forward_s_per_batch": round(forward_seconds, 3)}
+        for depth, measured in runs.items():
+            walls = [m["wall"] for m in measured]
+            row[f"prefetch {depth}"] = {
+                "wall_s": round(statistics.median(walls), 2),
+                "wall_s_min_max": [round(min(walls), 2), round(max(walls), 2)],
+                "waiting_for_batches_s": round(statistics.median(m["waiting"] for m in measured), 2),
+                "cpu_s_per_batch": round(statistics.median(m["cpu"] for m in measured) / batches, 3)}
         row["gain"] = round(row["prefetch 0"]["wall_s"] / row["prefetch 2"]["wall_s"], 2)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -401,8 +396,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="sample: images per class (10 classes)")
     parser.add_argument("--val-per-class", type=int, default=50, help="sample: of those, val images per class")
     parser.add_argument("--old-rev", default=OLD_REV, help=f"sample: the old revision (default: {OLD_REV})")
-    parser.add_argument("--forward-ms", type=float, nargs="+", default=[0, 20, 40],
-                        help="prefetch: simulated forward time per member and batch, ms (default: 0 20 40)")
+    parser.add_argument("--forward-ms", type=float, nargs="+", default=[0, 10, 20],
+                        help="prefetch: simulated forward time per member and batch, ms (default: 0 10 20)")
     parser.add_argument("--prefetch-per-class", type=int, default=300, help="prefetch: images per class")
     parser.add_argument("--prefetch-val-per-class", type=int, default=250, help="prefetch: val images per class")
     args = parser.parse_args()
