@@ -3,8 +3,9 @@ stream (``stream_samples``: one member in memory at a time); no file is opened h
 
 Shards written by ``cli.py prepare`` are plain ustar; those headers are parsed directly (about
 2 us per member, against ~30 us through webdataset's ``tarfile``-based iterator). Any other header
-type (pax, GNU long names) sends the whole shard through webdataset's ``tar_file_iterator``, so
-every tar webdataset reads still reads, with webdataset's rules for keys.
+type (pax, GNU long names) sends the whole shard (``iter_samples``), or the rest of the stream from
+that header on (``stream_samples``), through webdataset's ``tar_file_iterator``, so every tar
+webdataset reads still reads, with webdataset's rules for keys.
 """
 
 from __future__ import annotations
