@@ -51,10 +51,6 @@ def _parse_header(header: bytes, offset: int) -> tuple[str, int, bool] | None:
     return name, size, typeflag == b"5"
 
 
-def _padded(size: int) -> int:
-    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
 def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
     """Members of a plain ustar archive, or None when a header needs ``tarfile``."""
     members = []
@@ -74,7 +70,7 @@ def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
             raise CorruptShard(f"tar member {name!r} is truncated")
         if not is_directory:
             members.append((name, bytes(view[start:start + size])))
-        offset = start + _padded(size)
+        offset = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     return iter(members)
 
 
@@ -136,8 +132,9 @@ def stream_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         data = _read_exact(stream, size)
         if len(data) < size:
             raise CorruptShard(f"tar member {name!r} is truncated")
-        _read_exact(stream, _padded(size) - size)
-        offset += _BLOCK + _padded(size)
+        padding = -size % _BLOCK
+        _read_exact(stream, padding)
+        offset += _BLOCK + size + padding
         if not is_directory:
             yield name, data
 
