@@ -6,7 +6,7 @@ measurement in a fresh child process so that peak memory is its own; medians rep
 * ``fusion``: synthetic float32 logits ``[M, B, C]`` on the CPU (M = 36, B = 256; C = 10,450 and
   19,167), the four rules and the accuracy-against-members curve (every prefix, every rule).
   old: ``tests/ensemble_reference.tally_batch`` (the code before issue 10: the ``[M, B, C]`` terms of
-  each rule, float64 softmax and one-hot for vote); new: ``train.ensemble.tally_batch``, members
+  each rule, float64 softmax and one-hot for vote); new: ``train.ensemble.fusion.tally_batch``, members
   fed one at a time as the command feeds them. Seconds per batch and per 1,000 images; transient
   memory = peak RSS during the batches minus RSS with the logits allocated (the peak is reset through
   ``/proc/self/clear_refs`` first), also as a multiple of the logits' size. Both must give the same
@@ -14,7 +14,7 @@ measurement in a fresh child process so that peak memory is its own; medians rep
 * ``streams``: one lockstep stream over one synthetic val shard of each ``--shard-mb`` size (56x56
   JPEG samples in the prepare layout), batches of 256 decoded. old: the reader before issue 10
   (``tests/ensemble_reference.read_stream_whole_shards``: the whole shard in memory); new:
-  ``train.lockstep`` streaming. Peak RSS above the child's RSS before reading; the growth with the
+  ``train.ensemble.lockstep`` streaming. Peak RSS above the child's RSS before reading; the growth with the
   shard's size is the point. With ``--s3`` both also read each shard from a moto server on loopback
   (once per size) and the GET requests are counted from the server's request log.
 * ``sample``: the whole command (``cli.py ensemble-eval``) on the embedded sample prepared at
@@ -24,7 +24,7 @@ measurement in a fresh child process so that peak memory is its own; medians rep
   ``--prefetch 0``. Wall seconds and peak RSS (``/usr/bin/time``); all predictions.parquet equal.
 * ``prefetch``: what the read-ahead thread gains where it is meant to, beside an accelerator. The N
   val streams of the sample prepared at ``--split`` (2,500 val images by default) read in lockstep
-  (``train.lockstep.Lockstep``) through ``prefetch`` with depth 0 and 2; per batch the consumer waits
+  (``train.ensemble.lockstep.Lockstep``) through ``prefetch`` with depth 0 and 2; per batch the consumer waits
   ``--forward-ms`` × N without using the CPU, as the host does while a GPU runs the members. Wall
   seconds, seconds spent waiting for batches, CPU seconds per batch (reading, parsing, decoding).
 
@@ -78,13 +78,12 @@ def _reset_peak() -> int:
 
 def child_fusion(implementation: str, classes: int, members: int, batch: int, batches: int) -> dict[str, Any]:
     import torch
-
-    from train.ensemble import METHODS, Tally
+    from subspectral.train.ensemble.fusion import METHODS, Tally
 
     if implementation == "old":
         from ensemble_reference import tally_batch
     else:
-        from train.ensemble import tally_batch
+        from subspectral.train.ensemble.fusion import tally_batch
     generator = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(members, batch, classes, generator=generator)
     # Half the labels are some member's top class, so the counts are not all zero.
@@ -108,8 +107,7 @@ def child_stream(implementation: str, uri: str) -> dict[str, Any]:
     from unittest import mock
 
     import numpy as np
-
-    from train import lockstep
+    from subspectral.train.ensemble import lockstep
 
     stream = lockstep.Stream("sub-00", [uri], (56, 56, 3), np.dtype(np.uint8))
     before = _reset_peak()
@@ -240,8 +238,7 @@ def bench_streams(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         print(json.dumps(row), file=sys.stderr)
     if args.s3:
         from conftest import S3_CREDENTIALS, s3_client
-
-        from train.storage import REMOTE_READ_AHEAD
+        from subspectral.train.storage import REMOTE_READ_AHEAD
 
         log = tmp / "moto.log"
         with moto_server(log) as endpoint:
@@ -278,7 +275,6 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     from bench_ensemble import prepare
     from ensemble_fixtures import make_torch_run
 
-    from train.data import read_card
 
     old_tree = tmp / "old"
     old_tree.mkdir()
@@ -286,7 +282,7 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
     data, runs = tmp / "data", tmp / "runs"
     prepare(data, args.split, args.per_class, args.val_per_class)
-    card = read_card(str(data))
+    card = json.loads((data / "dataset.json").read_text())
     members = args.members or args.split
     for k in range(members):
         make_torch_run(runs, card, k, 50.0 + k, str(data))
@@ -335,16 +331,14 @@ def bench_prefetch(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     """The N val streams of the sample prepared at --split, in lockstep, ``--prefetch 0`` against 2, with
     a simulated accelerator forward pass per batch (``--forward-ms`` per member and batch)."""
     from bench_ensemble import prepare
-
-    from train.data import read_card, sample_shape, shard_uris
-    from train.lockstep import Lockstep, Stream, prefetch
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream, prefetch
+    from subspectral.train.prepared import read_card, shard_uris
 
     data = tmp / "data"
     prepare(data, args.split, args.prefetch_per_class, args.prefetch_val_per_class)
     card = read_card(str(data))
-    shape, dtype = sample_shape(card)
-    streams = [Stream(name, shard_uris(str(data), card, k, "val"), shape, dtype)
-               for k, name in enumerate(card["sub_datasets"])]
+    streams = [Stream(name, shard_uris(str(data), card, k, "val"), card.sample_shape, card.dtype)
+               for k, name in enumerate(card.sub_datasets)]
     rows = []
     for forward_ms in args.forward_ms:
         forward_seconds = args.split * forward_ms / 1000
@@ -354,7 +348,7 @@ def bench_prefetch(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 measured.append(_consume(prefetch(Lockstep(streams, args.batch_size), depth), forward_seconds))
         batches = runs[0][0]["batches"]
         row: dict[str, Any] = {"part": "prefetch", "streams": len(streams),
-                               "val_images": card["splits"]["val"]["samples"], "batches": batches,
+                               "val_images": card.splits["val"].samples, "batches": batches,
                                "forward_ms_per_member_batch": forward_ms,
                                "forward_s_per_batch": round(forward_seconds, 3)}
         for depth, measured in runs.items():

@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-
-from train.ensemble import Hits, Tally, geo_weights, top_k_classes
-from train.lockstep import MisalignedError, Stream, _Entry
-from train.shards import CorruptShard, iter_samples, to_sample
-from train.storage import read_bytes
+from subspectral.train.ensemble.fusion import Hits, Tally, geo_weights, top_k_classes
+from subspectral.train.ensemble.lockstep import MisalignedError, Stream, _Entry
+from subspectral.train.shards import CorruptShard, iter_samples, to_sample
+from subspectral.train.storage import read_bytes
 
 
 def member_contributions(method: str, logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:

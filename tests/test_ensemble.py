@@ -6,10 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
-from train.ensemble import (
+from subspectral.train.ensemble.fusion import (
     METHODS,
     Tally,
     fuse,
@@ -21,6 +18,8 @@ from train.ensemble import (
     top_k_classes,
     top_k_of_quotient,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Three members (rank order), two samples, four classes.
 LOGITS = torch.tensor(

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ensemble_fixtures import make_dataset, write_shard
-
-from train.data import shard_uris
-from train.lockstep import Lockstep, MisalignedError, Stream, prefetch
+from subspectral.schemas import DatasetCard
+from subspectral.train.ensemble.lockstep import Lockstep, MisalignedError, Stream, prefetch
+from subspectral.train.prepared import shard_uris
 
 NUM_SAMPLES = 7
 LABELS = [0, 1, 2, 0, 1, 2, 0]
@@ -28,7 +28,7 @@ def dataset(tmp_path: Path) -> tuple[Path, dict, np.ndarray]:
 
 def streams(root: Path, card: dict) -> list[Stream]:
     return [
-        Stream(name, shard_uris(str(root), card, k, "val"), (4, 4, 3), np.dtype(np.uint8))
+        Stream(name, shard_uris(str(root), DatasetCard.from_json(card), k, "val"), (4, 4, 3), np.dtype(np.uint8))
         for k, name in enumerate(card["sub_datasets"])
     ]
 
@@ -120,7 +120,7 @@ def test_a_stream_holds_neither_a_whole_shard_nor_a_copy_of_it(tmp_path: Path) -
 S3_STREAM_SCRIPT = """
 import json, sys, tracemalloc
 import numpy as np, pyarrow as pa
-from train.lockstep import Lockstep, Stream
+from subspectral.train.ensemble.lockstep import Lockstep, Stream
 tracemalloc.start()
 stream = Stream("sub-00", [sys.argv[1]], (128, 128, 3), np.dtype(np.uint8))
 samples = sum(len(batch.keys) for batch in Lockstep([stream], batch_size=8))
@@ -138,8 +138,7 @@ def test_an_s3_stream_reads_the_shard_in_bounded_pieces(tmp_path: Path, s3_endpo
     import sys
 
     from conftest import REPO, S3_CREDENTIALS, s3_client
-
-    from train.storage import REMOTE_READ_AHEAD
+    from subspectral.train.storage import REMOTE_READ_AHEAD
 
     [stream], shard_bytes = big_shards(tmp_path, streams_count=1, samples=400, side=128)
     assert shard_bytes > 4 * REMOTE_READ_AHEAD

@@ -9,8 +9,7 @@ import ensemble_reference as reference
 import numpy as np
 import pytest
 import torch
-
-from train.ensemble import METHODS, PrefixFusion, Tally, fuse_prefixes, tally_batch
+from subspectral.train.ensemble.fusion import METHODS, PrefixFusion, Tally, fuse_prefixes, tally_batch
 
 
 def synthetic_batches(kind: str, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
@@ -87,12 +86,14 @@ def test_vote_keeps_its_tie_rule_when_streamed() -> None:
 def reference_batches(data: str, card: dict, shards: list[int], batch_size: int):
     """The val sets of ``shards`` read the way the command read them before issue 10 (whole shards in
     memory), decoded into batch buffers of ``batch_size`` in order: ``(entries, images per stream)``."""
-    from train.data import sample_shape, shard_uris
-    from train.lockstep import Stream
-    from train.shards import decode_into
+    from subspectral.schemas import DatasetCard
+    from subspectral.train.ensemble.lockstep import Stream
+    from subspectral.train.prepared import shard_uris
+    from subspectral.train.shards import decode_into
 
-    shape, dtype = sample_shape(card)
-    entries = [list(reference.read_stream_whole_shards(Stream(f"sub-{k}", shard_uris(data, card, k, "val"), shape,
+    typed = DatasetCard.from_json(card)
+    shape, dtype = typed.sample_shape, typed.dtype
+    entries = [list(reference.read_stream_whole_shards(Stream(f"sub-{k}", shard_uris(data, typed, k, "val"), shape,
                                                                dtype))) for k in shards]
     for start in range(0, len(entries[0]), batch_size):
         rows = [stream[start:start + batch_size] for stream in entries]
@@ -110,13 +111,11 @@ def test_the_command_on_the_sample_equals_the_reference(prepared_sample, tmp_pat
 
     import pyarrow.parquet as pq
     from ensemble_fixtures import make_torch_run
-
-    from train import ensemble_cli
-    from train.data import read_card
-    from train.members import load_member, read_run
+    from subspectral.train.ensemble import cli as ensemble_cli
+    from subspectral.train.ensemble.members import load_member, read_run
 
     data, runs, out = str(prepared_sample), tmp_path / "runs", tmp_path / "report"
-    card = read_card(data)
+    card = json.loads((prepared_sample / "dataset.json").read_text())
     own_top1 = {0: 40.0, 14: 60.0, 35: 55.0}
     for shard, top1 in own_top1.items():
         make_torch_run(runs, card, shard, top1, data, seed=3)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from train.config import ConfigError, apply_overrides, list_recipes, load_recipe, recipe_from_dict
+from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe, recipe_from_dict
 
 SEED_RECIPES = ("imagenet1k", "imagenet21k-sub36", "imagenet21k-sub36-cosine", "resnet50-ebv", "resnext50", "sample")
 

@@ -117,7 +117,7 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in
 
 
 def recipe_dir() -> Path:
-    return Path(str(resources.files("train") / "recipes"))
+    return Path(str(resources.files(__package__) / "recipes"))
 
 
 def list_recipes() -> dict[str, str]:

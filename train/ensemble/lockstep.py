@@ -5,8 +5,11 @@ its shards one after another as byte streams (local paths or object-store URIs, 
 ``train.storage.open_stream`` and ``train.shards.stream_samples``): a stream holds its read-ahead
 buffer and the current sample, never a whole shard, whatever the shard's size. Every batch checks
 that all streams hold the same keys and labels and stops with a one-line ``MisalignedError`` naming
-the first difference. A sample that cannot be decoded in any stream is dropped from all of them (and
-counted in ``skipped``), so the members always see the same images.
+the first difference. A stream given its shards' SHA-256s (shards.parquet) hashes each shard as it
+reads it and checks the digest at the shard's end, so a sub-dataset's shard replaced by another's
+(same keys, other images) stops the evaluation too (batches of that shard already yielded are
+discarded by the caller with everything else). A sample that cannot be decoded in any stream is
+dropped from all of them (and counted in ``skipped``), so the members always see the same images.
 
 ``prefetch`` runs the reading and decoding in a background thread, a bounded number of batches
 ahead, so they overlap the members' forward passes (JPEG decoding and torch both release the GIL).
@@ -14,32 +17,40 @@ ahead, so they overlap the members' forward passes (JPEG decoding and torch both
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
-
-from train.shards import CorruptShard, Sample, decode_into, stream_samples, to_sample
-from train.storage import open_stream
+from subspectral.train.shards import CorruptShard, Sample, decode_into, stream_samples, to_sample
+from subspectral.train.storage import open_stream
 
 T = TypeVar("T")
 
 
 class MisalignedError(ValueError):
-    """The streams disagree (keys, labels, length) or a shard is missing: samples cannot be paired."""
+    """The streams disagree (keys, labels, length), a shard is missing, or a shard is not the one prepared for
+    its sub-dataset: samples cannot be paired."""
 
 
 @dataclass(frozen=True)
 class Stream:
-    """One sub-dataset's split: a name for messages, its shard URIs in order, and its sample shape."""
+    """One sub-dataset's split: a name for messages, its shard URIs in order, its sample shape and dtype,
+    and the SHA-256 of each shard when they are known."""
 
     name: str
     shards: Sequence[str]
     shape: tuple[int, int, int]  # H, W, C as stored
     dtype: np.dtype
+    sha256: Sequence[str] | None = None  # per shard, in the order of ``shards``
+
+    def part(self, rank: int, world: int) -> Stream:
+        """Shards rank, rank + world, …: one worker's share."""
+        digests = None if self.sha256 is None else self.sha256[rank::world]
+        return Stream(self.name, self.shards[rank::world], self.shape, self.dtype, digests)
 
 
 @dataclass
@@ -62,18 +73,45 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # object-store errors can span lines
 
 
+class _ForeignShard(MisalignedError):
+    """A shard whose SHA-256 differs from the one prepared for its stream (known at the shard's end)."""
+
+
+class _Hashing:
+    """``stream``'s ``read`` with every byte read fed to a SHA-256."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """The digest of the whole file: what the tar reader left unread (end-of-archive blocks) read too."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
 def _read_stream(stream: Stream) -> Iterator[_Entry]:
     for shard_index, uri in enumerate(stream.shards):
         try:
             with open_stream(uri) as handle:
-                for position, (key, parts) in enumerate(stream_samples(handle)):
+                source = _Hashing(handle)
+                for position, (key, parts) in enumerate(stream_samples(source)):
                     yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
+                foreign = stream.sha256 is not None and source.hexdigest() != stream.sha256[shard_index]
         except FileNotFoundError as error:
             raise MisalignedError(f"{stream.name}: shard missing: {uri}") from error
         except CorruptShard as error:
             raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {_one_line(error)}") from error
         except OSError as error:
             raise MisalignedError(f"{stream.name}: cannot read {uri}: {_one_line(error)}") from error
+        if foreign:
+            raise _ForeignShard(f"{stream.name}: {uri} is not the shard prepared for {stream.name} (its SHA-256 "
+                                "differs from shards.parquet): replaced by another sub-dataset's or modified")
 
 
 def _check_aligned(names: Sequence[str], rows: Sequence[Sequence[_Entry]]) -> None:
@@ -108,7 +146,11 @@ class Lockstep:
         while True:
             rows: list[list[_Entry]] = [[] for _ in self.streams]
             for _ in range(self.batch_size):
-                entries = [next(reader, None) for reader in readers]
+                try:
+                    entries = [next(reader, None) for reader in readers]
+                except _ForeignShard:
+                    _check_aligned(names, rows)  # first: differing keys name the cause more precisely
+                    raise
                 ended = [name for name, entry in zip(names, entries, strict=True) if entry is None]
                 if ended and len(ended) < len(entries):
                     longer = next(entry for entry in entries if entry is not None)
