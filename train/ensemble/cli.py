@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch", type=int, default=2,
                         help="batches read and decoded ahead in a background thread while the members run "
                              "(0: read in turn with the forward passes; default: 2)")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation wrote: the report (report.json's content) and the files in ``out``."""
+
+    report: dict[str, Any]
+    out: Path
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """report.json, report.md, accuracy_vs_members.png and predictions.parquet by name."""
+        return {name: self.out / name for name in REPORT_FILES}
+
+
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_members.png", "predictions.parquet")
 
 
 @dataclass
@@ -160,9 +176,10 @@ def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tal
 
 
 def select_runs(
-    args: argparse.Namespace, card: DatasetCard, announce: bool = True
+    args: argparse.Namespace, card: DatasetCard, notify: Callable[[str], None] | None = None
 ) -> tuple[list[FinishedRun], list[int]]:
-    """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
+    """The finished, compatible runs among --members, best own val accuracy first; and the missing
+    (``notify`` gets the line naming them, as soon as they are known)."""
     from subspectral.train.ensemble.fusion import rank_members
     from subspectral.train.ensemble.members import MemberError, check_compatible, discover_runs
 
@@ -174,8 +191,8 @@ def select_runs(
         listed = ", ".join(folders[k] for k in missing)
         if args.require_all:
             raise MemberError(f"--require-all: no finished run (final.json) in {args.runs} for {listed}")
-        if announce:
-            print(f"ensemble-eval: missing members, not evaluated: {listed}", file=sys.stderr)
+        if notify is not None:
+            notify(f"ensemble-eval: missing members, not evaluated: {listed}")
     if not runs:
         raise MemberError(f"no finished member run (sub-KK/final.json) in {args.runs}")
     for run in runs:
@@ -198,8 +215,10 @@ def reduce_over_workers(
         baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
 
 
-def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo) -> int:
-    """One worker's part of the evaluation; the main worker merges and writes the report.
+def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo,
+              notify: Callable[[str], None] | None, progress_bar: bool) -> Evaluation | None:
+    """One worker's part of the evaluation; the main worker merges, writes the report and returns
+    it (the other workers return None).
 
     With torchrun, worker r evaluates val shards r, r+W, r+2W, … of every stream and writes its
     own predictions part; counters are summed with an all-reduce and the parts merged in shard order,
@@ -214,7 +233,6 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         PredictionWriter,
         build_report,
         merge_prediction_parts,
-        render_markdown,
         write_reports,
     )
     from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
@@ -224,7 +242,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     started = time.perf_counter()
     data = absolute_uri(args.data)
     folders = card.sub_datasets
-    runs, missing = select_runs(args, card, announce=workers.is_main)
+    runs, missing = select_runs(args, card, notify if workers.is_main else None)
     members = [load_member(run, device) for run in runs]
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shard_table = read_shard_table(data)
@@ -243,7 +261,8 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
                               shard_of=lambda local: workers.rank + workers.world * local)
     total = card.splits["val"].samples
-    progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
+    progress = tqdm(total=total, unit="img", desc="ensemble-eval",
+                    disable=None if workers.is_main and progress_bar else True)
     try:
         # closing(): a failure in a member stops the reading thread at once, not when collected.
         with progress, torch.inference_mode(), contextlib.closing(prefetch(lockstep, args.prefetch)) as batches:
@@ -257,7 +276,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         reduce_over_workers(tally, lockstep, baseline_hits, device)
         barrier()
         if not workers.is_main:
-            return 0
+            return None
     if tally.samples == 0:
         raise DataError(f"{data}: no readable val sample ({lockstep.skipped} skipped)")
     if workers.enabled:
@@ -291,15 +310,15 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     baseline_result = None if baseline is None else (baseline.info, baseline_hits)
     report = build_report(tally, member_info, baseline_result, context)
     write_reports(report, out)
-    print(render_markdown(report))
-    print(f"ensemble-eval: {tally.samples} images, {len(members)} members in {seconds:.1f}s on {device} "
-          f"({workers.world} worker(s)); wrote {out}/report.json, report.md, accuracy_vs_members.png, "
-          "predictions.parquet")
-    return 0
+    return Evaluation(report, out)
 
 
-def _start(args: argparse.Namespace) -> int:
-    """Checks that need no member, then the device and (under torchrun) the process group."""
+def evaluate_ensemble(args: argparse.Namespace, notify: Callable[[str], None] | None = None,
+                      progress_bar: bool = True) -> Evaluation | None:
+    """The evaluation ``args`` (this command's options) describe; prints nothing itself. Checks that
+    need no member, then the device and (under torchrun) the process group; None on the workers
+    other than the main one. Bad input raises ``ValueError`` (``DataError``, ``MemberError``,
+    ``MisalignedError``) with a one-line message; storage failures ``OSError``."""
     import torch
     from subspectral.train.distributed import init_distributed, shutdown
     from subspectral.train.ensemble.members import MemberError
@@ -322,7 +341,7 @@ def _start(args: argparse.Namespace) -> int:
     if workers.enabled and device.type == "cuda":
         device = torch.device("cuda", workers.local_rank)
     try:
-        return _evaluate(args, card, device, workers)
+        return _evaluate(args, card, device, workers, notify, progress_bar)
     finally:
         shutdown()
 
@@ -330,13 +349,21 @@ def _start(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from subspectral.train.ensemble.lockstep import MisalignedError
     from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.ensemble.report import render_markdown
     from subspectral.train.storage import DataError
 
     try:
-        return _start(args)
+        evaluation = evaluate_ensemble(args, notify=lambda line: print(line, file=sys.stderr))
     except (DataError, MemberError, MisalignedError) as error:
         print(f"ensemble-eval: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a store that cannot be reached or read: endpoint, network, credentials
         print(f"ensemble-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    if evaluation is not None:  # the main worker
+        report = evaluation.report
+        print(render_markdown(report))
+        print(f"ensemble-eval: {report['samples']} images, {len(report['members'])} members in "
+              f"{report['seconds']:.1f}s on {report['device']} ({report['workers']} worker(s)); wrote "
+              f"{evaluation.out}/report.json, report.md, accuracy_vs_members.png, predictions.parquet")
+    return 0
