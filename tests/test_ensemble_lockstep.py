@@ -87,6 +87,44 @@ def test_an_undecodable_sample_is_dropped_from_every_stream(dataset) -> None:
     assert all(len(b.keys) == len(b.labels) == len(b.images[0]) == len(b.images[1]) for b in batches)
 
 
+def digested_streams(root: Path, card: dict) -> list[Stream]:
+    """The streams with each shard's SHA-256 as prepared (make_dataset writes them as they are now)."""
+    import hashlib
+
+    return [Stream(s.name, s.shards, s.shape, s.dtype, [hashlib.sha256(Path(u).read_bytes()).hexdigest()
+                                                         for u in s.shards]) for s in streams(root, card)]
+
+
+def test_a_shard_swapped_for_another_sub_datasets_is_refused_at_its_end(dataset) -> None:
+    """Same keys and labels, other images: only the digest, computed as the shard streams past, sees it."""
+    root, card, images = dataset
+    prepared = digested_streams(root, card)
+    assert sum(len(b.keys) for b in Lockstep(prepared, batch_size=4)) == NUM_SAMPLES
+    (root / "sub-01" / "val-000001.tar").write_bytes((root / "sub-00" / "val-000001.tar").read_bytes())
+    with pytest.raises(MisalignedError, match=r"^sub-01: .*val-000001.tar is not the shard prepared for sub-01"):
+        list(Lockstep(prepared, batch_size=4))
+
+
+def test_the_digest_covers_the_bytes_after_the_last_sample(dataset) -> None:
+    """The tar reader stops at the end-of-archive block; the rest of the file is hashed too."""
+    root, card, _ = dataset
+    prepared = digested_streams(root, card)
+    path = root / "sub-01" / "val-000002.tar"
+    data = bytearray(path.read_bytes())
+    data[-1] = 1  # in the trailing zero blocks, which no sample covers
+    path.write_bytes(bytes(data))
+    with pytest.raises(MisalignedError, match=r"val-000002.tar is not the shard prepared for sub-01"):
+        list(Lockstep(prepared, batch_size=4))
+
+
+def test_keys_that_differ_are_named_before_the_digest(dataset) -> None:
+    root, card, images = dataset
+    prepared = digested_streams(root, card)
+    write_shard(root / "sub-01" / "val-000001.tar", ["img_0004", "img_0003", "img_0005"], [1, 0, 2], images[1, 3:6])
+    with pytest.raises(MisalignedError, match=r"sub-00 has key 'img_0003'.*sub-01 has 'img_0004'"):
+        list(Lockstep(prepared, batch_size=7))  # one batch: the shard's end comes before the batch's check
+
+
 def big_shards(root: Path, streams_count: int, samples: int, side: int) -> tuple[list[Stream], int]:
     """One val shard per stream of ``samples`` npy images side x side x 3; returns the streams and the
     size of one shard in bytes."""
