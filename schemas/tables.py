@@ -23,6 +23,11 @@ REJECT_REASONS = (
     "stray_file",
     "empty_class",
     "below_min_per_class",
+    "symlink_loop",
+    "outside_source",
+    "dangling_link",
+    "not_a_file",
+    "duplicate_input",
 )
 
 # Listing → planning (in memory; also kept in OUT/_work for resume).
