@@ -7,6 +7,9 @@ with 20 images per class held out for val.
 The work runs as Ray tasks on an embedded local Ray, or on a cluster with --ray-address / RAY_ADDRESS.
 Rerunning the same command resumes: finished shards whose tars are all intact are kept, the rest is
 written. One prepare at a time per --out: a second one is refused (local folders are locked).
+Errors are one line on stderr: exit 2 for refused input, 1 for faults a retry may fix (a full disk,
+a store that does not answer: object-store requests give up after $SUBSPECTRAL_STORAGE_TIMEOUT seconds
+without a byte, default 15). SIGTERM or Ctrl-C stops cleanly; a second one stops at once.
 
 examples:
   python cli.py prepare --out data/sample                       # sample corpus, --split 36
