@@ -8,6 +8,8 @@ deep, until the kernel gives up) and silently drops dangling links, FIFOs and de
   (``symlink_loop``); each real folder is walked once (``duplicate_input`` for a second way in);
 * a dangling link is ``dangling_link``; a FIFO, socket or device, or a link to one, is ``not_a_file``.
   Entries are only ``stat``-ed, never opened: opening a FIFO blocks, opening a device may act;
+* a folder that cannot be read stops the listing with one line (``ValueError``): its images are
+  unknown, and a class that silently went missing would change every label after it;
 * an entry reached through a link carries ``target``, the path under the root of the file it stands
   for (or, if rejected, of the same entry reached without links), so that the listing keeps each
   entry once (``listing.combine``).
@@ -56,6 +58,15 @@ def special_kind(mode: int) -> str:
     return "special file"
 
 
+def _scandir(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda dirent: dirent.name)
+    except OSError as error:
+        raise ValueError(f"{folder}: cannot list this folder ({error.strerror or error}); fix its permissions, or "
+                         "move it out of the source") from None
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -75,8 +86,7 @@ class SourceTree:
     def scan(self, folder: str) -> list[Entry]:
         """The entries of one folder, by name; folders are not entered."""
         real = os.path.realpath(folder)
-        return [self._classify(dirent, real, (real,), self._via(folder, real))
-                for dirent in sorted(os.scandir(folder), key=lambda d: d.name)]
+        return [self._classify(dirent, real, (real,), self._via(folder, real)) for dirent in _scandir(folder)]
 
     def walk(self, folder: str) -> Iterator[Entry]:
         """Files and rejected entries below ``folder``; real folders are walked before linked ones."""
@@ -100,12 +110,7 @@ class SourceTree:
 
     def _walk(self, folder: str, real: str, ancestors: tuple[str, ...], via: str | None, seen: dict[str, str],
               linked: list[tuple[Entry, tuple[str, ...]]]) -> Iterator[Entry]:
-        try:
-            dirents = sorted(os.scandir(folder), key=lambda d: d.name)
-        except OSError as error:
-            yield Entry(folder, reason=UNREADABLE, detail=f"folder not readable: {error.strerror}")
-            return
-        for dirent in dirents:
+        for dirent in _scandir(folder):
             entry = self._classify(dirent, real, ancestors, via)
             if not entry.is_dir or entry.reason:
                 yield entry

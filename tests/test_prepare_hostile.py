@@ -117,6 +117,23 @@ def test_a_worker_error_under_ray_is_one_line(tmp_path, content, message):
     assert "\x1b[" not in result.stderr and line.isprintable()
 
 
+@pytest.mark.slow
+def test_an_unreadable_class_folder_under_ray_is_one_line(tmp_path):
+    root = image_folder(tmp_path / "corpus")
+    # Root reads any folder: drop the capabilities that let it, so that permissions apply as to a user.
+    as_user = [] if os.geteuid() != 0 else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    if as_user and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no folder is unreadable")
+    (root / "n002").chmod(0)
+    try:
+        result = subprocess.run([*as_user, sys.executable, str(REPO / "cli.py"), "prepare", "--src", str(root), "--out",
+                                 str(tmp_path / "out"), "--num-workers", "1"], cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, check=False)
+    finally:
+        (root / "n002").chmod(0o755)
+    assert_one_line(result, f"{root / 'n002'}: cannot list this folder (Permission denied); fix its permissions")
+
+
 def test_an_image_given_as_src_is_refused_in_one_line(tmp_path):
     (tmp_path / "photo.JPEG").write_bytes(jpeg(5))
     result = run_cli("prepare", "--src", str(tmp_path / "photo.JPEG"), "--out", str(tmp_path / "out"), check=False)
