@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import sys
 import time
 from collections import Counter
@@ -21,7 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
 
-from . import __version__, decompose, encode, resize
+from subspectral import __version__
+
+from . import decompose, encode, resize
 from .decode import SizeLimits
 from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, combine, list_unit, plan_units
@@ -108,8 +111,12 @@ def pil_flavour() -> str:
 
 
 def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
-            executor: str = "ray", log: Callable[[str], None] = print) -> dict:
-    """Run the whole command; returns the summary (the dataset card plus run timings)."""
+            executor: str = "ray", log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole command; returns the summary (the dataset card plus run timings).
+
+    Messages go to ``log`` (default: the ``subspectral.pipeline`` logger at INFO).
+    """
+    log = log or logging.getLogger(__name__).info
     validate(options)
     units = plan_units(list(options.sources), options.layout)  # checks the sources before --out is touched
     if dry_run:

@@ -9,7 +9,7 @@ link to ``last``, final.json) is decided here once, so torch and MindSpore run f
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from subspectral.train.config import ConfigError, Recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import CheckpointError, same_file_as, write_json, write_text
 from subspectral.train.storage import DataError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class EpochLog:
         summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
         if "top1" in line:
             summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
-        print(f"[{self.prefix}] {summary}", file=sys.stderr)
+        _log.info(f"[{self.prefix}] {summary}")
 
     def close(self) -> None:
         self.writer.close()
