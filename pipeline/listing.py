@@ -32,7 +32,7 @@ from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import SCHEME_PATTERN, Location, is_remote
-from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
+from .walk import Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "list")
 IMAGE_EXTENSIONS = frozenset(
@@ -171,7 +171,7 @@ def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.T
     duplicates = _RejectBuilder()
     for row in links.sort_by("source").to_pylist():
         if row["target"] in seen:
-            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+            duplicates.add(row["source"], RejectReason.DUPLICATE_INPUT, f"the same as {row['target']}")
         seen.add(row["target"])
     dropped = duplicates.table()
     keep = [pc.invert(pc.is_in(table.column("source"), value_set=dropped.column("source")))
