@@ -289,11 +289,12 @@ def _start(args: argparse.Namespace) -> int:
     from subspectral.train.distributed import init_distributed, shutdown
     from subspectral.train.ensemble.members import MemberError
     from subspectral.train.storage import DataError
-    from subspectral.train.stream import read_card
+    from subspectral.train.stream import has_split, read_card
 
     card = read_card(args.data)
-    if not card["splits"].get("val", {}).get("samples"):
-        raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
+    if not has_split(card, "val"):
+        raise DataError(f"{args.data} has no val split, and ensemble-eval evaluates the members on it: prepare "
+                        "the dataset with --val-per-class N (N val images per class, e.g. 10), then train on it")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
     if not 0.0 < args.p < 1.0:

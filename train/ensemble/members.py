@@ -136,7 +136,10 @@ def read_run(path: Path, shard: int | None = None) -> FinishedRun:
         raise MemberError(f"{path}: not a finished run (no final.json)")
     run = _read_json(path / "run.json")
     final = _read_json(path / "final.json")
-    if "top1" not in final:
+    if final.get("validated") is False:
+        raise MemberError(f"{path}: trained without validation (its dataset had no val split), so it has no own "
+                          "val accuracy to rank it by: train it on a dataset prepared with --val-per-class N")
+    if not isinstance(final.get("top1"), (int, float)):
         raise MemberError(f"{path / 'final.json'}: no 'top1'")
     recorded = run.get("shard")
     if shard is not None and recorded != shard:
