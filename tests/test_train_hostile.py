@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, run_cli
 from damaged_data import one_sub_dataset, rewrite_members, undecodable_images
 
 QUICK = ("--config", "sample", "--no-progress", "schedule.epochs=1", "data.batch_size=100")  # one 5-step epoch
@@ -176,3 +180,24 @@ def test_without_a_val_split_train_warns_once_and_ensemble_eval_names_what_it_ne
     assert (run_dir / "best.pt").stat().st_ino == (run_dir / "last.pt").stat().st_ino  # best = last
     refused = run_cli("ensemble-eval", "--data", str(data), "--runs", str(tmp_path / "runs"), check=False)
     fails_with(refused, "has no val split", "--val-per-class N")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def test_sigterm_to_the_process_group_stops_with_one_line_while_loader_workers_run(prepared_sample, tmp_path):
+    """A batch scheduler (or Ctrl-C) signals every process of the job, the DataLoader workers included."""
+    command = [sys.executable, str(REPO / "cli.py"), "train", "--data", str(prepared_sample), "--shard", "0",
+               "--out", str(tmp_path), *QUICK, "schedule.epochs=2", "data.batch_size=50", "data.workers=2"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(_children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the two loader workers run
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert stderr.strip().splitlines() == ["SIGTERM received: stopped; rerun the same command to resume"], stderr

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from subspectral.train import stopping
 from subspectral.train.storage import DataError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -57,4 +58,5 @@ class Batches:
 
 def make_loader(stream: BatchStream, workers: int, pin_memory: bool) -> Batches:
     return Batches(DataLoader(TorchBatches(stream), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                              prefetch_factor=4 if workers else None, persistent_workers=False))
+                              prefetch_factor=4 if workers else None, persistent_workers=False,
+                              worker_init_fn=stopping.leave_signals_to_parent))
