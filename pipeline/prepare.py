@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import sys
 import time
 from collections import Counter
@@ -20,7 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
 
-from . import __version__, decompose, encode, resize
+from subspectral import __version__
+
+from . import decompose, encode, resize
 from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
 from .plan import Plan, PlanOptions, make_plan, source_uris
@@ -78,8 +81,12 @@ def pil_flavour() -> str:
 
 
 def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
-            executor: str = "ray", log: Callable[[str], None] = print) -> dict:
-    """Run the whole command; returns the summary (the dataset card plus run timings)."""
+            executor: str = "ray", log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole command; returns the summary (the dataset card plus run timings).
+
+    Messages go to ``log`` (default: the ``subspectral.pipeline`` logger at INFO).
+    """
+    log = log or logging.getLogger(__name__).info
     validate(options)
     out = Location(options.out)
     params = output_parameters(options)

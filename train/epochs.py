@@ -9,8 +9,8 @@ link to ``last``, final.json) is decided here once, so torch and MindSpore run f
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ from subspectral.train.run import (
     write_text,
 )
 from subspectral.train.storage import DataError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class EpochLog:
             if line["val_skipped"]:
                 total = line["val_samples"] + line["val_skipped"]
                 summary += f"  ({line['val_skipped']} of {total} val samples skipped)"
-        print(f"[{self.prefix}] {summary}", file=sys.stderr)
+        _log.info(f"[{self.prefix}] {summary}")
 
     def close(self) -> None:
         self.writer.close()
@@ -222,8 +224,8 @@ class MemberTraining(ABC):
             return json.loads((self.run_dir / "final.json").read_text())
         plan = self.plan()
         if plan.main and not plan.validates:
-            print(f"cli.py train: warning: {self.meta['data']} has no val split (prepare it with --val-per-class N "
-                  f"for one): sub-{plan.shard:02d} trains without validation, best = last", file=sys.stderr)
+            _log.warning(f"cli.py train: warning: {self.meta['data']} has no val split (prepare it with "
+                         f"--val-per-class N for one): sub-{plan.shard:02d} trains without validation, best = last")
         self.build()
         start_epoch, best_top1 = 0, -1.0
         if self.resume_from is not None:
