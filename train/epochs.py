@@ -279,7 +279,7 @@ class MemberTraining(ABC):
         """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
 
         ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
-        ``last`` checkpoint saved in the same epoch. Without a val split, best is every last.
+        ``last`` checkpoint saved in the same epoch. Without a val split, best is linked to every last.
         """
         prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
         log = EpochLog(self.run_dir, prefix) if plan.main else None
@@ -294,12 +294,12 @@ class MemberTraining(ABC):
                 line.update(last_eval)
             if log is not None:
                 log.write(line)
-                improved = not plan.validates or ("top1" in line and line["top1"] > best_top1)
+                improved = "top1" in line and line["top1"] > best_top1
                 best_top1 = max(best_top1, line.get("top1", best_top1))
                 if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
                     last = self.save_last(epoch, best_top1)
                     saved = epoch + 1
-                    if improved:
+                    if improved or not plan.validates:
                         same_file_as(last, last.with_name("best" + last.suffix))
             self.wait_for_ranks()
         if plan.validates and not last_eval:  # resumed after the last epoch had finished but before final.json

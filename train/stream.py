@@ -37,7 +37,6 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,9 +109,8 @@ def shard_sample_count(tar_uri: str) -> int | None:
     Read only when a shard turns out damaged, to count the samples lost after the damage.
     """
     base, sep, query = tar_uri.partition("?") if is_remote(tar_uri) else (tar_uri, "", "")
-    folder, name = posixpath.split(base) if is_remote(tar_uri) else (str(Path(base).parent), Path(base).name)
-    root = posixpath.dirname(folder) if is_remote(tar_uri) else str(Path(folder).parent)
-    stats_uri = join(root + (sep + query), "stats", name.removesuffix(".tar") + ".json")
+    folder, name = posixpath.split(base)
+    stats_uri = join(posixpath.dirname(folder) + sep + query, "stats", name.removesuffix(".tar") + ".json")
     try:
         return int(read_json(stats_uri)["samples"])
     except (OSError, ValueError, KeyError, TypeError):
