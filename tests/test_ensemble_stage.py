@@ -288,3 +288,15 @@ def test_a_malicious_checkpoint_is_refused_without_suggesting_the_unsafe_load(st
     assert len(err) == 1 and err[0].startswith("ensemble-eval: error: ")
     assert "final.pt is not a checkpoint written by cli.py train" in err[0] and "weights_only" not in err[0]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("label", [C + 38, -1])
+def test_a_val_label_outside_the_classes_is_one_clear_error(stage, capsys, label) -> None:
+    data, runs, card = stage
+    images = np.zeros((4, len(LABELS), 2, 2, 3), dtype=np.uint8)
+    make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    assert run_stage(data, runs, "--members", "0,1,2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ensemble-eval: error: val sample 'img_0005' has label {label}, outside the {C} classes of the "
+                   f"dataset card (0..{C - 1})"]
+    assert not list((runs / "ensemble").glob("predictions*"))
