@@ -71,8 +71,8 @@ def test_train_and_ensemble_eval_from_s3(s3_data, s3_env, prepared_sample, tmp_p
 
 
 def test_storage_reads_the_s3_copy_as_the_local_one(s3_data, s3_env, prepared_sample, monkeypatch):
+    from subspectral.train.prepared import read_card, shard_uris
     from subspectral.train.storage import exists, join, read_bytes
-    from subspectral.train.stream import read_card, shard_uris
 
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
@@ -125,7 +125,8 @@ def test_missing_or_unreachable_s3_dataset_is_one_line(s3_data, s3_env, tmp_path
 def test_a_damaged_val_shard_on_s3_counts_the_samples_lost(prepared_sample, s3_endpoint, monkeypatch):
     """The shard's stats file is found beside the dataset on the store too (the URI keeps its query)."""
     from subspectral.train.data import make_loader
-    from subspectral.train.stream import EvalStream, read_card, shard_uris
+    from subspectral.train.prepared import read_card, shard_uris
+    from subspectral.train.stream import EvalStream
 
     client = s3_client(s3_endpoint)
     client.create_bucket(Bucket="damaged")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import ConfigError, Recipe, check_recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
@@ -53,14 +54,14 @@ class EpochPlan:
                    world=world, progress=progress, label=label, validates=validates)
 
 
-def batches_per_epoch(card: dict[str, Any], batch: int, world: int) -> int:
+def batches_per_epoch(card: DatasetCard, batch: int, world: int) -> int:
     """Full global batches per epoch; refuses a batch that does not split over the ranks or exceeds the data."""
     if batch % world:
         raise ConfigError(f"data.batch_size={batch} does not divide over {world} processes")
-    batches = int(card["splits"]["train"]["samples"]) // batch
+    samples = card.splits["train"].samples
+    batches = samples // batch
     if batches == 0:
-        raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
-                          "training samples of a sub-dataset")
+        raise ConfigError(f"data.batch_size={batch} exceeds the {samples} training samples of a sub-dataset")
     return batches
 
 
@@ -142,7 +143,7 @@ class MemberTraining(ABC):
 
     run_dir: Path
     recipe: Recipe
-    card: dict[str, Any]  # the dataset card
+    card: DatasetCard
     meta: dict[str, Any]  # run.json
     state: str  # "fresh" | "resume" | "done" (final.json exists)
     resume_from: Any  # the checkpoint to resume from, loaded and checked; None for a new run
@@ -248,7 +249,7 @@ class MemberTraining(ABC):
         could tell; a validation that evaluated nothing is refused rather than reported as 0 %.
         """
         result = self.validate()
-        expected = int(self.card["splits"]["val"]["samples"])
+        expected = self.card.splits["val"].samples
         if result["val_samples"] == 0:
             raise DataError(f"sub-{self.meta['shard']:02d}: no usable val sample in {self.meta['data']} "
                             f"({expected} in the card): every val shard is damaged or unreadable")

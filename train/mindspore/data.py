@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import DataConfig
 from subspectral.train.storage import DataError
 from subspectral.train.stream import EvalStream, TrainStream
@@ -102,7 +103,7 @@ def batches(dataset: Any) -> Iterator[tuple[np.ndarray, ...]]:
         raise DataError(found[-1]) from None
 
 
-def slot_stream(uris: list[str], card: dict, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
+def slot_stream(uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
                 rank: int, world: int, seed: int) -> TrainStream:
     return TrainStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
                       rank=rank, world=world, seed=seed)
