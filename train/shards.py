@@ -3,9 +3,11 @@ stream (``stream_samples``: one member in memory at a time); no file is opened h
 
 Shards written by ``cli.py prepare`` are plain ustar; those headers are parsed directly (about
 2 us per member, against ~30 us through webdataset's ``tarfile``-based iterator). Any other header
-type (pax, GNU long names) sends the whole shard (``iter_samples``), or the rest of the stream from
-that header on (``stream_samples``), through webdataset's ``tar_file_iterator``, so every tar
-webdataset reads still reads, with webdataset's rules for keys.
+type (pax, GNU long names) sends the rest of the shard (``iter_samples``) or of the stream
+(``stream_samples``) from that header on through webdataset's ``tar_file_iterator``, so every tar
+webdataset reads still reads, with webdataset's rules for keys. Members come out as they are
+parsed: a shard cut short or damaged gives every sample before the damage, then raises
+``CorruptShard``.
 """
 
 from __future__ import annotations
@@ -51,27 +53,37 @@ def _parse_header(header: bytes, offset: int) -> tuple[str, int, bool] | None:
     return name, size, typeflag == b"5"
 
 
-def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
-    """Members of a plain ustar archive, or None when a header needs ``tarfile``."""
-    members = []
+def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
+    """Members of a tar archive, yielded as they are parsed, so a damaged shard gives its readable head.
+
+    Plain ustar headers are parsed here; from the first other header on (pax, GNU long names) the
+    rest of the archive goes through webdataset's iterator. A header or member cut short raises
+    ``CorruptShard`` when it is reached.
+    """
     view = memoryview(buffer)
     offset = 0
     end = len(buffer)
     while offset + _BLOCK <= end:
         header = buffer[offset:offset + _BLOCK]
         if header[0] == 0:
-            break
+            return
         parsed = _parse_header(header, offset)
         if parsed is None:
-            return None
+            yield from _webdataset_members(io.BytesIO(buffer[offset:]))
+            return
         name, size, is_directory = parsed
         start = offset + _BLOCK
         if start + size > end:
             raise CorruptShard(f"tar member {name!r} is truncated")
         if not is_directory:
-            members.append((name, bytes(view[start:start + size])))
+            yield name, bytes(view[start:start + size])
         offset = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-    return iter(members)
+    raise _no_end(end)
+
+
+def _no_end(end: int) -> CorruptShard:
+    # No end-of-archive block: the shard was cut, maybe right at a member boundary.
+    return CorruptShard(f"the archive ends at byte {end} without its end-of-archive block: truncated")
 
 
 def _webdataset_members(stream: BinaryIO | _Prepended) -> Iterator[tuple[str, bytes]]:
@@ -83,8 +95,7 @@ def _webdataset_members(stream: BinaryIO | _Prepended) -> Iterator[tuple[str, by
 
 
 def tar_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
-    members = _ustar_members(buffer)
-    return members if members is not None else _webdataset_members(io.BytesIO(buffer))
+    return _ustar_members(buffer)
 
 
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
@@ -117,12 +128,15 @@ class _Prepended:
 def stream_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """Members of a tar read from ``stream`` as they come: one member in memory at a time, whatever
     the archive's size. Plain ustar headers are parsed here; from the first other header on (pax, GNU
-    long names) the rest goes through webdataset's streaming tar iterator. A member cut short raises
-    ``CorruptShard`` when it is reached (the members before it have been yielded)."""
+    long names) the rest goes through webdataset's streaming tar iterator. A member cut short, or an
+    archive without its end-of-archive block, raises ``CorruptShard`` when it is reached (the members
+    before it have been yielded)."""
     offset = 0
     while True:
         header = _read_exact(stream, _BLOCK)
-        if len(header) < _BLOCK or header[0] == 0:
+        if len(header) < _BLOCK:
+            raise _no_end(offset + len(header))
+        if header[0] == 0:
             return
         parsed = _parse_header(header, offset)
         if parsed is None:
@@ -150,19 +164,24 @@ def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, d
     """Group adjacent members with the same key into ``(key, {ext: bytes})``."""
     key = None
     parts: dict[str, bytes] = {}
-    for name, data in members:
-        member_key, ext = _split_name(name)
-        if member_key != key:
-            if key is not None:
-                yield key, parts
-            key, parts = member_key, {}
-        parts[ext] = data
+    try:
+        for name, data in members:
+            member_key, ext = _split_name(name)
+            if member_key != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = member_key, {}
+            parts[ext] = data
+    except CorruptShard:
+        if key is not None:  # its members before the damage are whole: the sample may still be usable
+            yield key, parts
+        raise
     if key is not None:
         yield key, parts
 
 
 def iter_samples(buffer: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples of a whole shard in memory (a corrupt shard raises before the first sample)."""
+    """The samples of a whole shard in memory."""
     return group_samples(tar_members(buffer))
 
 
