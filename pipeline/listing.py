@@ -28,10 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import SCHEME_PATTERN, Location, is_remote
-from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
+from .walk import Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "list")
 IMAGE_EXTENSIONS = frozenset(
@@ -83,7 +84,7 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
         if split_roots:
             for name, entry in names.items():
                 if name not in split_roots:
-                    rejects.add(loc.join(name).uri, entry.reason or "stray_file",
+                    rejects.add(loc.join(name).uri, entry.reason or RejectReason.STRAY_FILE,
                                 entry.detail or "not a split folder next to train/ and val/")
         for root, split in roots:
             root_entries = entries if split is None else _entries(root, tree)
@@ -98,7 +99,8 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
                 elif kind == "imagefolder" and entry.is_dir:
                     units.append(ListingUnit("folder", child.uri, name, split, source))
                 else:
-                    rejects.add(child.uri, "stray_file", f"not a class {'tar' if kind == 'class-tars' else 'folder'}")
+                    expected = "tar" if kind == "class-tars" else "folder"
+                    rejects.add(child.uri, RejectReason.STRAY_FILE, f"not a class {expected}")
     return units, rejects.table()
 
 
@@ -169,7 +171,7 @@ def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.T
     duplicates = _RejectBuilder()
     for row in links.sort_by("source").to_pylist():
         if row["target"] in seen:
-            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+            duplicates.add(row["source"], RejectReason.DUPLICATE_INPUT, f"the same as {row['target']}")
         seen.add(row["target"])
     dropped = duplicates.table()
     keep = [pc.invert(pc.is_in(table.column("source"), value_set=dropped.column("source")))
@@ -181,9 +183,9 @@ class _RejectBuilder:
     def __init__(self) -> None:
         self.rows: dict[str, list[str]] = {"source": [], "reason": [], "detail": []}
 
-    def add(self, source: str, reason: str, detail: str) -> None:
+    def add(self, source: str, reason: RejectReason, detail: str) -> None:
         self.rows["source"].append(source)
-        self.rows["reason"].append(reason)
+        self.rows["reason"].append(reason.value)
         self.rows["detail"].append(detail)
 
     def table(self) -> pa.Table:
@@ -225,13 +227,13 @@ def _list_folder(unit: ListingUnit) -> Listed:
         elif _is_image_name(name) and not name.startswith("."):
             inputs.add(entry.path, None, -1, entry.size, name)
         else:
-            rejects.add(entry.path, "stray_file", "not an image file name")
+            rejects.add(entry.path, RejectReason.STRAY_FILE, "not an image file name")
         if entry.target:
             links["source"].append(entry.path)
             links["target"].append(entry.target)
     table = inputs.table()
     if table.num_rows == 0:
-        rejects.add(unit.uri, "empty_class", "class folder holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class folder holds no image")
     return Listed(table, rejects.table(), pa.table(links, schema=LINKS_SCHEMA))
 
 
@@ -253,10 +255,10 @@ def _list_tar(unit: ListingUnit) -> Listed:
             for member in archive:
                 _list_tar_member(unit.uri, member, inputs, rejects)
     except (tarfile.TarError, OSError, EOFError) as error:
-        rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
+        rejects.add(unit.uri, RejectReason.CORRUPT_TAR, f"{type(error).__name__}: {error}")
     table = inputs.table()
     if table.num_rows == 0 and not rejects.rows["source"]:
-        rejects.add(unit.uri, "empty_class", "class tar holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class tar holds no image")
     return Listed(table, rejects.table())
 
 
@@ -273,13 +275,13 @@ def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, r
             kind = "device or special file"
         else:
             kind = "path"
-        rejects.add(source, "unsafe_tar_member", f"unsafe {kind}: never read")
+        rejects.add(source, RejectReason.UNSAFE_TAR_MEMBER, f"unsafe {kind}: never read")
         return
     base = parts[-1]
     if _is_image_name(base) and not base.startswith("."):
         inputs.add(uri, name, member.offset_data, member.size, base)
     else:
-        rejects.add(source, "stray_file", "not an image file name")
+        rejects.add(source, RejectReason.STRAY_FILE, "not an image file name")
 
 
 def _list_file(unit: ListingUnit) -> Listed:

@@ -7,7 +7,6 @@ Orchestration only: what to do and in which order; the work itself lives in ``li
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import logging
 import sys
@@ -20,7 +19,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
+from subspectral.schemas.card import (
+    SHARDS_SCHEMA,
+    ByteCounts,
+    Counts,
+    DatasetCard,
+    Source,
+    SplitSummary,
+    shard_file,
+    shard_name,
+    shards_table,
+    sub_dataset_names,
+)
+from subspectral.schemas.documents import SCHEMA_VERSION, class_table_sha256, listing_sha256
+from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, STATUS_SCHEMA
 
 from subspectral import __version__
 
@@ -30,16 +42,7 @@ from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, combine, list_unit, plan_units
 from .outdir import claim, finished_shards, output_lock, remove_partials, verify_shards
 from .plan import Plan, PlanOptions, make_plan, source_uris
-from .shard import (
-    SampleEncoder,
-    SampleSpec,
-    ShardTask,
-    shard_name,
-    stats_location,
-    status_location,
-    sub_dataset_names,
-    write_shard,
-)
+from .shard import SampleEncoder, SampleSpec, ShardTask, stats_location, status_location, write_shard
 from .storage import Location, exists, free_bytes, read_bytes, read_json, write_bytes, write_json
 
 # Each shard task keeps one tar per sub-dataset open, with a 128 KiB (local) or 1 MiB (object store)
@@ -182,12 +185,12 @@ def _intact_card(out: Location, log: Callable[[str], None]) -> dict | None:
     card_at = out.join("dataset.json")
     if not exists(card_at):
         return None
-    card = read_json(card_at)
-    shards = [shard_name(split, j) for split, info in card["splits"].items() for j in range(info["shards"])]
-    finished, damaged = verify_shards(out, shards, card["sub_datasets"], with_status=False)
+    card = DatasetCard.from_json(read_json(card_at), card_at.uri)
+    shards = [shard_name(split, j) for split, info in card.splits.items() for j in range(info.shards)]
+    finished, damaged = verify_shards(out, shards, list(card.sub_datasets), with_status=False)
     problems = [damaged.get(shard, f"stats/{shard}.json is missing") for shard in shards if shard not in finished]
     if not problems:
-        return card
+        return card.to_json()
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     if not exists(out.join("_work", "params.json")):
         raise ValueError(f"{out.uri} is damaged: {problems[0]}{more}, and its _work/ folder, needed to rewrite it, "
@@ -325,52 +328,51 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
     _write_parquet(out.join("manifest.parquet"), manifest)
     _write_parquet(out.join("rejects.parquet"), rejects)
     _write_parquet(out.join("classes.parquet"), classes)
+    _write_parquet(out.join("shards.parquet"), pa.concat_tables(
+        [shards_table(s["split"], s["shard"], s["samples"], s["bytes"], s["sha256"]) for s in stats]
+    ) if stats else SHARDS_SCHEMA.empty_table())
     scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
-    card = {
-        "schema": "subspectral-dataset",
-        "schema_version": SCHEMA_VERSION,
-        "tool_version": __version__,
-        "split": spec.split,
-        "grid": spec.grid,
-        "size": spec.size,
-        "image_size": spec.image_size,
-        "resize_mode": spec.resize_mode,
-        "transform": spec.transform,
-        "dct_scale": scale,
-        "format": spec.image_format,
-        "quality": spec.quality,
-        "seed": options.plan.seed,
-        "shard_size": options.plan.shard_size,
-        "val_per_class": options.plan.val_per_class,
-        "min_per_class": options.plan.min_per_class,
-        "min_side": spec.limits.min_side,
-        "max_pixels": spec.limits.max_pixels,
-        "max_file_bytes": spec.limits.max_file_bytes,
-        "num_classes": len(plan.classes),
-        "class_table_sha256": class_table_sha256(plan.classes),
-        "sub_datasets": sub_dataset_names(spec.split),
-        "splits": {
-            split: {"shards": sum(1 for s, _ in shards if s == split),
-                    "samples": sum(st["samples"] for st in stats if st["split"] == split)}
-            for split in ("train", "val")
-        },
-        "counts": {
-            "inputs": listed,
-            "written": written.num_rows,
-            "rejected": rejects.num_rows,
-            "rejected_by_reason": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
-        },
-        "bytes": {"total": sum(per_sub), "per_sub_dataset": per_sub,
-                  "per_sample_per_sub_dataset": sum(per_sub) / max(1, written.num_rows * spec.split)},
-        "source": {"uris": list(options.sources), "layout": options.layout},
-        "pil": pil_flavour(),
-    }
-    write_json(out.join("dataset.json"), card)
-    return card
-
-
-def class_table_sha256(classes: list[str]) -> str:
-    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+    splits = {}
+    for split in ("train", "val"):
+        done = [s for s in stats if s["split"] == split]  # in shard order, as _shard_index lists them
+        names = [shard_file(split, s["shard"]) for s in done]
+        digests = None if split == "train" else tuple(  # write_shard hashes val shards only
+            listing_sha256(names, [s["sha256"][k] for s in done]) for k in range(spec.split))
+        splits[split] = SplitSummary(shards=len(done), samples=sum(s["samples"] for s in done), sha256=digests)
+    card = DatasetCard(
+        tool_version=__version__,
+        split=spec.split,
+        grid=spec.grid,
+        size=spec.size,
+        image_size=spec.image_size,
+        sample_shape=(spec.size, spec.size, 3),
+        sample_dtype=spec.sample_dtype.name,
+        resize_mode=spec.resize_mode,
+        transform=spec.transform,
+        dct_scale=scale,
+        format=spec.image_format,
+        quality=spec.quality,
+        seed=options.plan.seed,
+        shard_size=options.plan.shard_size,
+        val_per_class=options.plan.val_per_class,
+        min_per_class=options.plan.min_per_class,
+        min_side=spec.limits.min_side,
+        max_pixels=spec.limits.max_pixels,
+        num_classes=len(plan.classes),
+        class_table_sha256=class_table_sha256(plan.classes),
+        sub_datasets=tuple(sub_dataset_names(spec.split)),
+        splits=splits,
+        counts=Counts(inputs=listed, written=written.num_rows, rejected=rejects.num_rows,
+                      rejected_by_reason=dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))),
+        bytes=ByteCounts(total=sum(per_sub), per_sub_dataset=tuple(per_sub),
+                         per_sample_per_sub_dataset=sum(per_sub) / max(1, written.num_rows * spec.split)),
+        source=Source(uris=tuple(options.sources), layout=options.layout),
+        pil=pil_flavour(),
+        max_file_bytes=spec.limits.max_file_bytes,
+    )
+    document = card.to_json()
+    write_json(out.join("dataset.json"), document)
+    return document
 
 
 def _shard_index(rows: pa.Table) -> list[tuple[str, int]]:

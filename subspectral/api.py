@@ -99,6 +99,6 @@ def train_member(data: str | Path, shard: int = 0, **options: Any) -> TrainResul
 
 def _run_folder(data: str, shard: int) -> str:
     """Member ``shard``'s folder name in a runs folder (the card's sub-dataset name)."""
-    from subspectral.train.stream import read_card
+    from subspectral.train.prepared import read_card
 
-    return read_card(data)["sub_datasets"][shard]
+    return read_card(data).sub_datasets[shard]

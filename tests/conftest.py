@@ -46,11 +46,11 @@ def encode(pixels: np.ndarray | Image.Image, fmt: str = "JPEG", **options) -> by
 
 
 def run_cli(
-    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """Run ``python cli.py ARGS`` as a user would; returns the completed process (stdout/stderr as text)."""
+    """Run ``python cli.py ARGS`` in ``cwd`` as a user would; returns the completed process (stdout/stderr as text)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=full_env,
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=full_env,
                             capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"cli.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

@@ -12,7 +12,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,7 +27,7 @@ from subspectral.pipeline.plan import PlanOptions
 from subspectral.pipeline.prepare import PrepareOptions, prepare
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
-from subspectral.schemas import card_schema
+from subspectral.schemas import DatasetCard
 
 
 def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",
@@ -51,7 +50,7 @@ def read_sub_dataset(out: Path, name: str, split: str) -> list[dict]:
 def assert_aligned(out: Path) -> dict:
     """Every sub-dataset holds the same keys in the same shards in the same order; returns the card."""
     card = json.loads((out / "dataset.json").read_text())
-    jsonschema.validate(card, card_schema())
+    DatasetCard.from_json(card)  # valid against the JSON Schema, consistent, of this version
     for split, info in card["splits"].items():
         for j in range(info["shards"]):
             reference = None
