@@ -27,7 +27,6 @@ from subspectral.schemas.card import (
     Source,
     SplitSummary,
     shard_file,
-    shard_name,
     shards_table,
     sub_dataset_names,
 )
@@ -42,7 +41,15 @@ from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, combine, list_unit, plan_units
 from .outdir import claim, finished_shards, output_lock, remove_partials, verify_shards
 from .plan import Plan, PlanOptions, make_plan, source_uris
-from .shard import SampleEncoder, SampleSpec, ShardTask, stats_location, status_location, write_shard
+from .shard import (
+    SampleEncoder,
+    SampleSpec,
+    ShardTask,
+    shard_name,
+    stats_location,
+    status_location,
+    write_shard,
+)
 from .storage import Location, exists, free_bytes, read_bytes, read_json, write_bytes, write_json
 
 # Each shard task keeps one tar per sub-dataset open, with a 128 KiB (local) or 1 MiB (object store)
@@ -94,17 +101,16 @@ def output_parameters(options: PrepareOptions) -> dict:
             "schema_version": SCHEMA_VERSION}
 
 
-def card_parameters(card: dict) -> dict:
+def card_parameters(document: dict) -> dict:
     """``output_parameters`` as a dataset card records them: what a rerun compares with once _work/ is gone."""
-    limits = SizeLimits(min_side=card["min_side"], max_pixels=card["max_pixels"],
-                        max_file_bytes=card.get("max_file_bytes", SizeLimits().max_file_bytes))
-    spec = SampleSpec(split=card["split"], size=card["size"], resize_mode=card["resize_mode"],
-                      transform=card["transform"], image_format=card["format"], quality=card["quality"], limits=limits)
-    plan = PlanOptions(shard_size=card["shard_size"], seed=card["seed"], val_per_class=card["val_per_class"],
-                       min_per_class=card["min_per_class"])
-    options = PrepareOptions(sources=tuple(card["source"]["uris"]), out="", layout=card["source"]["layout"],
-                             spec=spec, plan=plan)
-    return {**output_parameters(options), "schema_version": card["schema_version"]}
+    card = DatasetCard.from_json(document)
+    limits = SizeLimits(min_side=card.min_side, max_pixels=card.max_pixels, max_file_bytes=card.max_file_bytes)
+    spec = SampleSpec(split=card.split, size=card.size, resize_mode=card.resize_mode, transform=card.transform,
+                      image_format=card.format, quality=card.quality, limits=limits)
+    plan = PlanOptions(shard_size=card.shard_size, seed=card.seed, val_per_class=card.val_per_class,
+                       min_per_class=card.min_per_class)
+    options = PrepareOptions(sources=card.source.uris, out="", layout=card.source.layout, spec=spec, plan=plan)
+    return output_parameters(options)
 
 
 def pil_flavour() -> str:
@@ -133,9 +139,9 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
             log(f"prepare: removed {removed} partial file(s) left by an interrupted run")
         card = _intact_card(out, log)
         if card is not None:
-            log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
+            log(f"{out.uri} is already complete: {card.counts.written} samples in {card.split} "
                 "sub-datasets; nothing to do")
-            return card
+            return card.to_json()
         return _write(options, units, out, num_workers=num_workers, ray_address=ray_address, executor=executor,
                       log=log)
 
@@ -180,7 +186,7 @@ def _write(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], o
     return summary
 
 
-def _intact_card(out: Location, log: Callable[[str], None]) -> dict | None:
+def _intact_card(out: Location, log: Callable[[str], None]) -> DatasetCard | None:
     """The card of a complete dataset whose shards are all intact; None (and the card deleted) otherwise."""
     card_at = out.join("dataset.json")
     if not exists(card_at):
@@ -190,7 +196,7 @@ def _intact_card(out: Location, log: Callable[[str], None]) -> dict | None:
     finished, damaged = verify_shards(out, shards, list(card.sub_datasets), with_status=False)
     problems = [damaged.get(shard, f"stats/{shard}.json is missing") for shard in shards if shard not in finished]
     if not problems:
-        return card.to_json()
+        return card
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     if not exists(out.join("_work", "params.json")):
         raise ValueError(f"{out.uri} is damaged: {problems[0]}{more}, and its _work/ folder, needed to rewrite it, "
@@ -358,6 +364,7 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
         min_per_class=options.plan.min_per_class,
         min_side=spec.limits.min_side,
         max_pixels=spec.limits.max_pixels,
+        max_file_bytes=spec.limits.max_file_bytes,
         num_classes=len(plan.classes),
         class_table_sha256=class_table_sha256(plan.classes),
         sub_datasets=tuple(sub_dataset_names(spec.split)),
@@ -368,7 +375,6 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
                          per_sample_per_sub_dataset=sum(per_sub) / max(1, written.num_rows * spec.split)),
         source=Source(uris=tuple(options.sources), layout=options.layout),
         pil=pil_flavour(),
-        max_file_bytes=spec.limits.max_file_bytes,
     )
     document = card.to_json()
     write_json(out.join("dataset.json"), document)

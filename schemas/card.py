@@ -90,6 +90,7 @@ class DatasetCard:
     min_per_class: int
     min_side: int
     max_pixels: int
+    max_file_bytes: int  # larger files were rejected unread (too_large)
     num_classes: int
     class_table_sha256: str
     sub_datasets: tuple[str, ...]
@@ -98,7 +99,6 @@ class DatasetCard:
     bytes: ByteCounts
     source: Source
     pil: str
-    max_file_bytes: int | None = None  # the reader's limit per input file; cards of older tools lack it
 
     def __post_init__(self) -> None:
         # What readers index by or allocate from must agree; the rest is the writer's business.
@@ -160,6 +160,7 @@ class DatasetCard:
             "min_per_class": self.min_per_class,
             "min_side": self.min_side,
             "max_pixels": self.max_pixels,
+            "max_file_bytes": self.max_file_bytes,
             "num_classes": self.num_classes,
             "class_table_sha256": self.class_table_sha256,
             "sub_datasets": list(self.sub_datasets),
@@ -173,7 +174,6 @@ class DatasetCard:
                       "per_sample_per_sub_dataset": self.bytes.per_sample_per_sub_dataset},
             "source": {"uris": list(self.source.uris), "layout": self.source.layout},
             "pil": self.pil,
-            **({} if self.max_file_bytes is None else {"max_file_bytes": self.max_file_bytes}),
         }
 
     @cached_property
