@@ -104,3 +104,15 @@ def test_each_model_family_loads_into_its_torchvision_model_as_documented(tmp_pa
             with torch.no_grad():
                 expected = model(torch.from_numpy(images))
             torch.testing.assert_close(namespace["logits"].detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_channels_last_member_writes_the_same_file(tmp_path):
+    """On CUDA the trainer keeps the model channels_last (train.channels_last): its 4-d weights are not contiguous,
+    which safetensors refuses; the file holds the same tensors as from a contiguous model."""
+    model, run = _member(tmp_path, stem="lowres", head="linear")
+    plain = load_file(tmp_path / "final.safetensors")
+    model.to(memory_format=torch.channels_last)
+    assert not model.net.conv1.weight.is_contiguous()
+    save_portable(tmp_path / "final.safetensors", model, run)
+    tensors = load_file(tmp_path / "final.safetensors")
+    assert tensors.keys() == plain.keys() and all(torch.equal(tensors[key], plain[key]) for key in plain)
