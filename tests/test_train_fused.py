@@ -257,7 +257,7 @@ def test_misaligned_sub_datasets_stop_with_one_line(tmp_path):
         samples(tmp_path / "0.tar", tmp_path / "2.tar")
     second = samples(tmp_path / "0.tar", tmp_path / "3.tar")[1]
     with pytest.raises(DataError, match=r"misaligned sub-datasets: sample 'b' has class 1 in .*0.tar but 5 in"):
-        decode_aligned(np.empty((4, 4, 6), np.uint8), second)
+        decode_aligned(np.empty((4, 4, 6), np.uint8), second, 10)
 
 
 # --- the fused epoch against solo epochs, float64 ----------------------------------------------------------------
@@ -437,7 +437,7 @@ def test_fused_groups_refuse_torchrun():
 
 def test_bad_fuse_values_fail_with_one_line(small4, tmp_path):
     data = ("--data", str(small4), "--out", str(tmp_path), "--no-progress")
-    _fails_with("train.fuse must be at least 1", *data, "--shard", "0-1", "--fuse", "0")
+    _fails_with("train.fuse must be >= 1", *data, "--shard", "0-1", "--fuse", "0")
     _fails_with("train.fuse must be an integer", *data, "train.fuse=two")
     _fails_with("not supported by --backend mindspore", *data, "--fuse", "2", "--backend", "mindspore")
     _fails_with("--shard names a member twice", *data, "--shard", "1,1", "--fuse", "2")

@@ -73,7 +73,7 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe
+    from subspectral.train.config import ConfigError, apply_overrides, check_recipe, list_recipes, load_recipe
     from subspectral.train.run import CheckpointError
     from subspectral.train.storage import DataError
 
@@ -93,10 +93,8 @@ def run(args: argparse.Namespace) -> int:
             apply_overrides(recipe, [f"schedule.epochs={args.epochs}"])
         if args.fuse is not None:
             apply_overrides(recipe, [f"train.fuse={args.fuse}"])
+        check_recipe(recipe)
         # Fused training (train/fused_trainer.py): K members per process, torch backend only.
-        if recipe.train.fuse < 1:
-            raise ConfigError("train.fuse must be at least 1 (1 trains members one at a time), "
-                              f"got {recipe.train.fuse}")
         if recipe.train.fuse > 1 and args.backend == "mindspore":
             raise ConfigError("--fuse / train.fuse > 1 is not supported by --backend mindspore: train its members "
                               "one at a time (train.fuse=1)")
@@ -106,6 +104,19 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if done.main:
         for shard, final in done.results.items():
-            print(f"sub-{shard:02d}: top1 {final['top1']:.2f}%  top5 {final['top5']:.2f}%  "
-                  f"({final['val_samples']} val samples, {final['epochs']} epochs{done.label})")
+            print(f"sub-{shard:02d}: {summary(final, done.label)}")
     return 0
+
+
+def summary(final: dict, label: str) -> str:
+    """A member's result line from its final.json content (older final.json files lack the skip counts)."""
+    if final.get("validated", True):
+        line = (f"top1 {final['top1']:.2f}%  top5 {final['top5']:.2f}%  "
+                f"({final['val_samples']} val samples, {final['epochs']} epochs{label})")
+    else:
+        line = f"trained {final['epochs']} epochs without validation (the dataset has no val split){label}"
+    if final.get("val_skipped"):
+        line += f"; {final['val_skipped']} val samples skipped as unreadable"
+    if final.get("train_skipped"):
+        line += f"; {final['train_skipped']} train samples skipped in the last epoch"
+    return line

@@ -20,7 +20,7 @@ import numpy as np
 from subspectral.schemas import DatasetCard
 from subspectral.train.shards import CorruptShard, iter_samples
 from subspectral.train.storage import DataError, read_bytes
-from subspectral.train.stream import EvalStream, StreamStats, TrainStream, decode_sample
+from subspectral.train.stream import EvalStream, StreamStats, TrainStream, decode_sample, shard_sample_count
 
 
 def _read(url: str) -> bytes:
@@ -38,6 +38,7 @@ def aligned_piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamSta
     for source in sources:
         urls, piece = source["url"], source["piece"]
         readers = [iter_samples(_read(url)) for url in urls]
+        read = 0
         try:
             for index, entries in enumerate(zip_longest(*readers)):
                 _check_keys(urls, index, entries)
@@ -46,10 +47,13 @@ def aligned_piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamSta
                     for parts, url in zip(members, urls, strict=True):
                         parts["__key__"], parts["__url__"] = entries[0][0], url
                     stats.read += 1
+                    read += 1
                     yield {"__key__": entries[0][0], "__url__": urls[0], "members": members}
         except CorruptShard:
-            # As for one sub-dataset: the readable head of a damaged shard is kept, one loss is recorded.
-            stats.skipped += 1
+            # As for one sub-dataset (train.stream.piece_samples): the readable head of a damaged shard is
+            # used, what follows the damage counted as skipped (aligned shards hold the same samples).
+            total = shard_sample_count(urls[0])
+            stats.skipped += 1 if total is None else max(len(range(piece.part, total, piece.parts)) - read, 0)
 
 
 def _check_keys(urls: Sequence[str], index: int, entries: Sequence[tuple[str, dict] | None]) -> None:
@@ -61,14 +65,14 @@ def _check_keys(urls: Sequence[str], index: int, entries: Sequence[tuple[str, di
             raise DataError(f"misaligned sub-datasets: sample {index} of {urls[0]} is {ours}, of {url} {theirs}")
 
 
-def decode_aligned(out: np.ndarray, sample: dict[str, Any]) -> int | None:
+def decode_aligned(out: np.ndarray, sample: dict[str, Any], num_classes: int) -> int | None:
     """Decode the K sub-images of one sample into ``out`` (H x W x K·C); the label, or None if any is unusable."""
     members = sample["members"]
     channels = out.shape[-1] // len(members)
     scratch = np.empty((*out.shape[:-1], channels), out.dtype)  # decoders write contiguous H x W x C
     label = None
     for k, parts in enumerate(members):
-        mine = decode_sample(scratch, parts)
+        mine = decode_sample(scratch, parts, num_classes)
         if mine is None:
             return None
         if label is not None and mine != label:

@@ -1,6 +1,6 @@
 """ensemble-eval's member forward passes: torch members of one architecture fused K at a time.
 
-``MemberPredictor(members, device, fuse)(images)`` returns the logits ``[M, B, C]`` of a lockstep batch
+``MemberPredictor(members, device, fuse)(images)`` yields each member's logits ``[B, C]`` of a lockstep batch
 (``images[i]``: member i's sub-images, stored layout). Torch members whose networks are the same (run.json
 ``model`` but its input constants, and ``num_classes``) are evaluated ``fuse`` at a time by one
 ``train.fused.FusedNetwork`` holding copies of their weights: one forward pass for K members. Every other
@@ -11,7 +11,7 @@ Results equal the members' own up to float rounding (summation order in the grou
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,17 +45,18 @@ class MemberPredictor:
                 if len(chunk) > 1:
                     net = fuse_members([self.members[i].model for i in chunk], memory_format=layout)
                     self.groups.append((chunk, net.to(device).eval()))
-        fused = {position for chunk, _ in self.groups for position in chunk}
-        self.alone = [position for position in range(len(self.members)) if position not in fused]
+        self.group_of = {position: group for group in self.groups for position in group[0]}
 
-    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        logits: list[torch.Tensor | None] = [None] * len(self.members)
-        with torch.inference_mode():
-            for positions, net in self.groups:
-                batch = torch.cat([torch.as_tensor(images[i]).to(self.device, non_blocking=True) for i in positions],
-                                  dim=-1)  # [B, H, W, K·C]
-                for position, member_logits in zip(positions, net(batch).float(), strict=True):
-                    logits[position] = member_logits
-        for position in self.alone:
-            logits[position] = self.members[position].predict(images[position])
-        return torch.stack(logits)
+    def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
+        """Each member's logits ``[B, C]`` in member order; a fused group's K are computed together and held
+        until their members' turn."""
+        group_of = self.group_of
+        ready: dict[int, torch.Tensor] = {}
+        for position, member in enumerate(self.members):
+            if position in group_of and position not in ready:
+                positions, net = group_of[position]
+                with torch.inference_mode():
+                    batch = torch.cat([torch.as_tensor(images[i]).to(self.device, non_blocking=True)
+                                       for i in positions], dim=-1)  # [B, H, W, K·C]
+                    ready.update(zip(positions, net(batch).float(), strict=True))
+            yield ready.pop(position) if position in group_of else member.predict(images[position])

@@ -14,6 +14,7 @@ group's checkpoint writes, or a fresh member added to a resumed group) first cat
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from subspectral.train.fused import FusedNetwork, fuse_members, own_storage
 from subspectral.train.fused_data import FusedEvalStream, FusedTrainStream
 from subspectral.train.mixing import mix_batch
 from subspectral.train.progress import EpochProgress
-from subspectral.train.run import MemberJob
+from subspectral.train.run import Diverged, MemberJob
 from subspectral.train.trainer import _EVAL_BATCH, MemberTrainer
 from torch import nn
 
@@ -143,7 +144,7 @@ class FusedGroup:
             raise ConfigError(f"--shard names a member twice: {shards}")
         self.recipe = recipe
         self.device = device
-        self.members = [GroupMember(job, recipe, dist, device) for job in jobs]
+        self.members = [GroupMember.checked(job, recipe, dist, device) for job in jobs]
 
     def run(self) -> dict[int, dict[str, Any]]:
         finals = {m.job.shard: m.run() for m in self.members if m.state == "done"}
@@ -152,7 +153,7 @@ class FusedGroup:
         target = max((start for _, _, start, _ in begun), default=0)
         books = []
         for member, plan, start, best_top1 in begun:
-            book = EpochBook(member, plan, best_top1)
+            book = EpochBook(member, plan, start, best_top1)
             member.train_epochs(book, start, target)  # behind the others: catch up alone
             books.append(book)
         if len(active) > 1:
@@ -174,8 +175,8 @@ class FusedGroup:
         data = self.recipe.data
         stream = FusedTrainStream([m.train_uris for m in members], first.card, data, batch_size=data.batch_size,
                                   batches_per_epoch=first.batches_per_epoch, rank=0, world=1, seed=train_cfg.seed)
-        val_stream = FusedEvalStream([m.val_uris for m in members], first.card, batch_size=_EVAL_BATCH, rank=0,
-                                     world=1)
+        val_stream = (FusedEvalStream([m.val_uris for m in members], first.card, batch_size=_EVAL_BATCH, rank=0,
+                                      world=1) if books[0].plan.validates else None)
         plan = books[0].plan
         label = f"sub-{members[0].job.shard:02d}..{members[-1].job.shard:02d} (fused x{len(members)})"
         pin = device.type == "cuda"
@@ -185,9 +186,17 @@ class FusedGroup:
             stream.set_epoch(epoch)
             bar = EpochProgress(plan.batches_per_epoch, f"{label} {epoch + 1}/{plan.epochs}",
                                 enabled=plan.progress, world=1)
-            lines = train_fused_epoch(trained, members, make_loader(stream, data.workers, pin), first.ctx,
-                                      np.random.default_rng([train_cfg.seed, epoch, 0]), bar)
-            bar.close()
+            try:
+                lines = train_fused_epoch(trained, members, make_loader(stream, data.workers, pin), first.ctx,
+                                          np.random.default_rng([train_cfg.seed, epoch, 0]), bar)
+            except Diverged as exc:  # the bar checks the group's mean loss: some member's is not finite
+                raise first.diverged(str(exc), min(book.saved for book in books)) from exc
+            finally:
+                bar.close()
+            for member, book, line in zip(members, books, lines, strict=True):
+                if not math.isfinite(line["train_loss"]):
+                    raise member.diverged(f"sub-{member.job.shard:02d} epoch {epoch + 1} (fused x{len(members)}): "
+                                          f"the training loss is {line['train_loss']}", book.saved)
             evaluations: list[dict[str, Any] | None] = [None] * len(members)
             if books[0].validates(epoch):
                 evaluations = evaluate_fused(self._eval_net(net, members),
