@@ -31,7 +31,7 @@ DEFAULTS = {
     "shard_size": 5000,
     "seed": 0,
     "layout": "auto",
-    "min_side": 32,
+    "min_side": None,  # min(32, S): see SizeLimits.for_side
 }
 
 
@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split_group.add_argument("--quality", type=int, default=d["quality"],
                              help="JPEG/WebP quality, 1-100 (default: %(default)s)")
     split_group.add_argument("--min-side", type=int, default=d["min_side"], metavar="PX",
-                             help="reject images whose shorter side is under this (default: %(default)s)")
+                             help="reject images whose shorter side is under this (default: 32, or S = sqrt(N)·size "
+                                  "when that is smaller, so images of at least S×S are always kept)")
     plan_group = parser.add_argument_group("classes, splits and shards")
     plan_group.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
                             help="hold out N images per class for val, chosen by a seeded hash of the key; a source "
@@ -100,7 +101,8 @@ def options_from_args(args: argparse.Namespace):
 
         sources = (location(sample_corpus()).uri,)
     spec = SampleSpec(split=args.split, size=args.size, resize_mode=args.resize_mode, transform=args.transform,
-                      image_format=args.format, quality=args.quality, limits=SizeLimits(min_side=args.min_side))
+                      image_format=args.format, quality=args.quality,
+                      limits=None if args.min_side is None else SizeLimits(min_side=args.min_side))
     plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=args.val_per_class,
                        min_per_class=args.min_per_class)
     return PrepareOptions(sources=sources, out=location(args.out).uri, layout=args.layout, spec=spec, plan=plan)
