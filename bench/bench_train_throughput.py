@@ -54,10 +54,10 @@ def compute_rate(recipe, card: dict, device: str, steps: int = 20) -> float:
     import torch
 
     from train.engine import autocast_dtype
-    from train.models import create_model
+    from train.models import create_model, resolve_stem
 
     spec = recipe.model
-    model = create_model(spec.name, card["num_classes"], stem=spec.stem).to(device)
+    model = create_model(spec.name, card["num_classes"], stem=resolve_stem(spec.stem, card.get("size", 56))).to(device)
     amp = autocast_dtype(recipe.train, torch.device(device)) is not None  # train.amp: auto | true | false
     if device == "cuda" and recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # a key of train.models.MODEL_BUILDERS
-    stem: str = "lowres"  # imagenet: 7x7/2 conv + max-pool; lowres: 3x3/1 conv, no max-pool
+    stem: str = "auto"  # imagenet: 7x7/2 conv + max-pool; lowres: 3x3/1 conv, no max-pool; auto: by input size
     head: str = "linear"  # linear | ebv
     ebv_dim: int | None = None  # EBV dimension d; None: d = number of classes
     ebv_tau: float = 0.07
@@ -39,7 +39,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held for shuffling (0: stream order)
     shuffle_shards: bool = True
     crop: str = "pad"  # none | pad (random crop after zero padding) | resized (random resized crop)
-    crop_padding: int = 4
+    # Pixels (an integer), or a fraction of the sub-image side (below 1); the default is the source's 4 px
+    # at 56 px, which scales with the side: 1 px at 7 or 14, 2 at 28, 8 at 112.
+    crop_padding: int | float = 4 / 56
     resized_scale: float = 0.35  # smallest area fraction of the random resized crop
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # of x/255, like the source
@@ -102,7 +104,7 @@ class Recipe:
 
 
 CHOICES = {
-    "model.stem": ("imagenet", "lowres"),
+    "model.stem": ("auto", "imagenet", "lowres"),
     "model.head": ("linear", "ebv"),
     "data.crop": ("none", "pad", "resized"),
     "optimizer.name": ("sgd", "adamw"),
@@ -112,6 +114,9 @@ CHOICES = {
 }
 # Keys that take true, false or one of these words.
 SWITCHES = {"train.amp": ("auto",)}
+
+# Keys that take pixels (an integer >= 0) or a fraction of the sub-image side (a number in (0, 1)).
+PIXELS_OR_FRACTION = {"data.crop_padding"}
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")}
 
@@ -135,6 +140,8 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path} may not be null")
+    if path in PIXELS_OR_FRACTION:
+        return _pixels_or_fraction(path, value)
     if path in SWITCHES:
         if isinstance(value, bool) or value in SWITCHES[path]:
             return value
@@ -158,6 +165,16 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     value = str(value)
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
+    return value
+
+
+def _pixels_or_fraction(path: str, value: Any) -> int | float:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+            (isinstance(value, float) and value >= 1):
+        raise ConfigError(f"{path} must be pixels (an integer >= 0) or a fraction of the sub-image side "
+                          f"(a number below 1, e.g. 0.125), got {value!r}")
     return value
 
 

@@ -50,6 +50,20 @@ def _vgg_lowres(net: nn.Module) -> None:
         net.features[index] = nn.Identity()
 
 
+# Largest sub-image side for which model.stem=auto picks the lowres stem (the source method's stem for
+# its 56 and 112 px members). With it a network ends on a side/8 grid, with the imagenet stem on side/32;
+# up to 112 px the lowres grid is the nearer to torchvision's 7x7 at 224 (14 against 3.5 at 112).
+AUTO_LOWRES_MAX_SIDE = 112
+STEMS = ("imagenet", "lowres")
+
+
+def resolve_stem(stem: str, side: int) -> str:
+    """``auto`` → ``lowres`` for sub-images up to AUTO_LOWRES_MAX_SIDE px, ``imagenet`` above; others unchanged."""
+    if stem == "auto":
+        return "lowres" if side <= AUTO_LOWRES_MAX_SIDE else "imagenet"
+    return stem
+
+
 def _resnet_fc(net: nn.Module) -> tuple[nn.Module, str]:
     return net, "fc"
 
@@ -105,8 +119,8 @@ def create_model(name: str, num_classes: int, *, stem: str = "lowres", head: str
     """Build a member network. With ``head='ebv'`` the basis is ``ebv_basis`` if given, else generated."""
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_BUILDERS)}")
-    if stem not in ("imagenet", "lowres"):
-        raise ValueError(f"unknown stem {stem!r}; use imagenet or lowres")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; use imagenet or lowres (resolve auto with resolve_stem)")
     net = MODEL_BUILDERS[name](weights=None, num_classes=num_classes)
     lowres, locate_fc = _FAMILIES[_family(name)]
     if stem == "lowres":

@@ -22,7 +22,7 @@ from train.distributed import DistInfo, barrier
 from train.ebv import generate_ebv
 from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
 from train.epochs import EpochPlan, MemberRun, batches_per_epoch
-from train.models import SubNetwork, create_model
+from train.models import SubNetwork, create_model, resolve_stem
 from train.progress import EpochProgress
 
 _EVAL_BATCH = 512
@@ -62,12 +62,14 @@ def input_constants(card: dict, shard: int, recipe: Recipe) -> dict[str, Any]:
 def run_meta(job: MemberJob, card: dict, recipe: Recipe) -> dict[str, Any]:
     """run.json: everything an evaluator needs to rebuild and feed this member."""
     model = recipe.model
+    size = int(card.get("size", 56))
     return {
         "backend": "torch", "shard": job.shard, "data": job.data, "recipe": recipe.name,
         "class_table_sha256": card["class_table_sha256"], "num_classes": int(card["num_classes"]),
-        "split": int(card["split"]), "size": int(card.get("size", 56)), "transform": card["transform"],
+        "split": int(card["split"]), "size": size, "transform": card["transform"],
         "format": card["format"], "dct_scale": card.get("dct_scale"),
-        "model": {"name": model.name, "stem": model.stem, "head": model.head,
+        # run.json records the stem the network was built with, never "auto"
+        "model": {"name": model.name, "stem": resolve_stem(model.stem, size), "head": model.head,
                   "ebv_dim": (model.ebv_dim or int(card["num_classes"])) if model.head == "ebv" else None,
                   "ebv_tau": model.ebv_tau, "ebv_seed": model.ebv_seed, "ebv_threshold": model.ebv_threshold,
                   "input": input_constants(card, job.shard, recipe)},
