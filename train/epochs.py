@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from train import peak_memory
 from train.checkpoint import CheckpointError, same_file_as, write_json, write_text
 from train.config import ConfigError, Recipe, dump_yaml
 from train.progress import EpochProgress
@@ -63,6 +64,17 @@ def truncate_metrics(run_dir: Path, kept_epochs: int) -> None:
         lines = [line for line in path.read_text().splitlines(keepends=True)
                  if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
         write_text(path, "".join(lines))
+
+
+def cost_from_metrics(metrics: Path) -> dict[str, Any]:
+    """final.json's cost fields from metrics.jsonl, whose lines cover every epoch of the run, resumed
+    segments included: ``train_seconds`` (training and validation of all epochs) and ``peak_rss_bytes``
+    (the largest resident set of the training process in any epoch, see ``train.peak_memory``)."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.exists() else []
+    peaks = [line["peak_rss_bytes"] for line in lines if "peak_rss_bytes" in line]
+    return {"train_seconds": sum(line.get("epoch_seconds", line["seconds"]) for line in lines),
+            "peak_rss_bytes": max(peaks) if peaks else None}
 
 
 class EpochLog:
@@ -148,7 +160,8 @@ class MemberRun(ABC):
 
     @abstractmethod
     def final_fields(self) -> dict[str, Any]:
-        """The backend's own fields of final.json."""
+        """The backend's own fields of final.json: ``ema``, and ``parameters`` and ``parameter_bytes`` of the
+        evaluated weights (trainable parameters, as torchvision counts them)."""
 
     @abstractmethod
     def wait_for_ranks(self) -> None:
@@ -191,8 +204,9 @@ class MemberRun(ABC):
         prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
         log = EpochLog(self.run_dir, prefix) if plan.main else None
         last_eval: dict[str, Any] = {}
-        started = time.perf_counter()
+        peak_memory.reset_peak()  # members trained in turn in one process each get their own peak
         for epoch in range(start_epoch, plan.epochs):
+            started = time.perf_counter()
             bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
                                 enabled=plan.main and plan.progress, world=plan.world)
             line: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
@@ -200,6 +214,8 @@ class MemberRun(ABC):
             if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
                 last_eval = self.validate()
                 line.update(last_eval)
+            line["epoch_seconds"] = time.perf_counter() - started
+            line["peak_rss_bytes"] = peak_memory.peak_bytes()
             if log is not None:
                 log.write(line)
                 improved = "top1" in line and line["top1"] > best_top1
@@ -215,4 +231,4 @@ class MemberRun(ABC):
             log.close()
         return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
                 "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
-                "train_seconds": time.perf_counter() - started}
+                **cost_from_metrics(self.run_dir / METRICS_FILE)}

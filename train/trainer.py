@@ -251,7 +251,9 @@ class MemberTrainer(MemberRun):
         ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
 
     def final_fields(self) -> dict[str, Any]:
-        return {"ema": self.ema is not None}
+        weights = list(self._eval_model().parameters())
+        return {"ema": self.ema is not None, "parameters": sum(p.numel() for p in weights),
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in weights)}
 
 
 def _nothing() -> None:

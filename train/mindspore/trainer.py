@@ -26,7 +26,7 @@ from train.epochs import EpochPlan, MemberRun, batches_per_epoch
 from train.mindspore import checkpoint as ckpt
 from train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from train.mindspore.ebv import generate_basis
-from train.mindspore.models import create_model, ebv_basis_of
+from train.mindspore.models import count_parameters, create_model, ebv_basis_of
 from train.mindspore.runtime import Runtime
 from train.mindspore.step import EvalStep, SoftTargetLoss, TrainStep, apply_precision, build_optimizer, precision_for
 from train.progress import EpochProgress
@@ -213,7 +213,10 @@ class MindSporeTrainer(MemberRun):
         ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
 
     def final_fields(self) -> dict[str, Any]:
-        return {"ema": False}
+        weights = self.model.trainable_params()
+        return {"ema": False, "parameters": count_parameters(self.model),
+                "parameter_bytes": int(sum(np.prod(p.shape) * np.dtype(ms.dtype_to_nptype(p.dtype)).itemsize
+                                           for p in weights))}
 
 
 def train_member(job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
