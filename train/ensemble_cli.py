@@ -64,6 +64,12 @@ class Baseline:
     ten_crop: bool
     info: dict[str, Any]
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Its columns and accuracies: ``baseline`` as tested (10-crop with --ten-crop), and the single
+        crop beside a 10-crop test, so the report compares both."""
+        return ("baseline", "baseline_one_crop") if self.ten_crop else ("baseline",)
+
 
 def parse_members(text: str | None, split: int) -> list[int]:
     from train.members import MemberError
@@ -101,6 +107,7 @@ def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torc
     from train.data import read_card, sample_shape, shard_uris
     from train.lockstep import Stream
     from train.members import MemberError, check_compatible, load_member, read_run
+    from train.report import member_cost
 
     run = read_run(path)
     data = str(run.run.get("data", ""))
@@ -116,40 +123,45 @@ def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torc
     shape, dtype = sample_shape(baseline_card)
     stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), shape, dtype)
     info = {"path": str(path), "data": data, "ten_crop": ten_crop,
-            "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1}
+            "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1,
+            **member_cost(run.final)}
     return Baseline(load_member(run, device), stream, ten_crop, info)
 
 
-def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> torch.Tensor:
+def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Logits per view of ``baseline.views``."""
     import torch
 
     from train.ensemble import ten_crop
 
+    one_crop = baseline.member.predict(images)
     if not baseline.ten_crop:
-        return baseline.member.predict(images)
+        return {"baseline": one_crop}
     views = ten_crop(torch.from_numpy(images).to(device), TEN_CROP_FRACTION)
-    return torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0)
+    return {"baseline": torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0),
+            "baseline_one_crop": one_crop}
 
 
 def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
-             baseline: Baseline | None, device: torch.device, progress: Any) -> Hits | None:
+             baseline: Baseline | None, device: torch.device, progress: Any) -> dict[str, Hits]:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
     ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
-    Hits (or None). ``progress`` is a tqdm bar.
+    Hits per view (empty without a baseline). ``progress`` is a tqdm bar.
     """
     import torch
 
     from train.ensemble import Hits, tally_batch, top_k_classes
 
-    baseline_hits = Hits() if baseline is not None else None
+    baseline_hits = {view: Hits() for view in baseline.views} if baseline is not None else {}
     for batch in lockstep:
         labels = torch.from_numpy(batch.labels).to(device)
         logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
         ranked = tally_batch(tally, logits, labels)
         if baseline is not None:
-            ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
-            baseline_hits.add(ranked["baseline"], labels)
+            for view, logits in baseline_logits(baseline, batch.images[-1], device).items():
+                ranked[view] = top_k_classes(logits, tally.k)
+                baseline_hits[view].add(ranked[view], labels)
         on_host = {name: value.cpu().numpy() for name, value in ranked.items()}
         writer.write(batch.keys, batch.labels, batch.shards, on_host, on_host["members"][:, :, 0])
         progress.update(len(batch.keys))
@@ -181,18 +193,18 @@ def select_runs(
 
 
 def reduce_over_workers(
-    tally: Tally, lockstep: Lockstep, baseline_hits: Hits | None, device: torch.device
+    tally: Tally, lockstep: Lockstep, baseline_hits: dict[str, Hits], device: torch.device
 ) -> None:
     """Sum every counter over the torchrun workers (exact: integers in float64), in place."""
     from train.distributed import all_reduce_sum
 
-    extra = [lockstep.skipped] + ([baseline_hits.top1, baseline_hits.topk] if baseline_hits else [])
+    extra = [lockstep.skipped] + [count for hits in baseline_hits.values() for count in (hits.top1, hits.topk)]
     counts = tally.counts()
     summed = [round(v) for v in all_reduce_sum([float(c) for c in counts + extra], device)]
     tally.set_counts(summed[: len(counts)])
     lockstep.skipped = summed[len(counts)]
-    if baseline_hits is not None:
-        baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
+    for index, hits in enumerate(baseline_hits.values()):
+        hits.top1, hits.topk = summed[len(counts) + 1 + 2 * index : len(counts) + 3 + 2 * index]
 
 
 def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.device, workers: DistInfo) -> int:
@@ -213,6 +225,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     from train.report import (
         PredictionWriter,
         build_report,
+        member_cost,
         merge_prediction_parts,
         render_markdown,
         write_reports,
@@ -236,7 +249,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     out = args.out or args.runs / "ensemble"
     out.mkdir(parents=True, exist_ok=True)
     part = out / (f"predictions.part{workers.rank:03d}.parquet" if workers.enabled else "predictions.part")
-    writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
+    writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline.views if baseline else (),
                               shard_of=lambda local: workers.rank + workers.world * local)
     total = int(card["splits"]["val"]["samples"])
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
@@ -275,7 +288,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     }
     member_info = [
         {"shard": r.shard, "folder": folders[r.shard], "path": str(r.path), "backend": r.backend,
-         "val_top1_own": r.val_top1}
+         "val_top1_own": r.val_top1, **member_cost(r.final)}
         for r in runs
     ]
     baseline_result = None if baseline is None else (baseline.info, baseline_hits)
