@@ -44,8 +44,8 @@ SIDE = 28
 
 # Settings: images per class (None = all) and epochs. The quick one fits in an hour on 2 CPU cores.
 SETTINGS = {
-    "quick": {"train_per_class": 500, "val_per_class": 200, "epochs": 4},
-    "full": {"train_per_class": None, "val_per_class": None, "epochs": 3},
+    "quick": {"train_per_class": 500, "val_per_class": 100, "epochs": 4},
+    "full": {"train_per_class": None, "val_per_class": None, "epochs": 1},
 }
 
 
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="quick",
-                        help="quick: 500 train / 200 val images per class, 4 epochs; full: all 60,000 / 10,000, "
-                             "3 epochs (default: quick)")
+                        help="quick: 500 train / 100 val images per class, 4 epochs; full: all 60,000 / 10,000, "
+                             "1 epoch (default: quick)")
     parser.add_argument("--out", type=Path, required=True, help="working folder: images, data, runs, reports")
     parser.add_argument("--idx-dir", type=Path, default=IDX_DIR, help=f"the idx .gz files (default: {IDX_DIR})")
     parser.add_argument("--variants", default="plain,dct",
