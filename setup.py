@@ -1,4 +1,4 @@
-"""Builds the optional C extension ``pipeline._splitjpeg``; everything else is in pyproject.toml.
+"""Builds the optional C extension ``subspectral.pipeline._splitjpeg``; everything else is pyproject.toml.
 
 It links the system libjpeg-turbo (Debian: libjpeg62-turbo-dev). Where that or a C compiler is
 missing the build is skipped with a warning, and the pipeline encodes through simplejpeg instead:
@@ -9,6 +9,6 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("pipeline._splitjpeg", ["pipeline/_splitjpeg.c"], libraries=["jpeg"], optional=True),
+        Extension("subspectral.pipeline._splitjpeg", ["pipeline/_splitjpeg.c"], libraries=["jpeg"], optional=True),
     ]
 )

@@ -4,7 +4,7 @@ Goal: evaluating N members together costs at most 1.25 × the sum of evaluating 
 its own sub-dataset (lockstep reading, loading and aggregation overhead ≤ 25 %).
 
 * ``alone``: member k evaluated the way the trainer evaluates it for final.json: load final.pt
-  (``train.checkpoint.load_member``), stream sub-dataset k's val shards (``train.data.EvalStream``,
+  (``train.checkpoint.load_trained_model``), stream sub-dataset k's val shards (``train.stream.EvalStream``,
   no DataLoader workers), forward, top-1/top-5 (``train.engine.evaluate``). Summed over the members.
 * ``together``: the whole ``ensemble-eval`` command in-process (``train.ensemble_cli.run``): member
   loading, lockstep reading with key checks, the four fusion methods and the accuracy-vs-members
@@ -43,13 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ensemble_fixtures import make_torch_run  # noqa: E402
-
-from pipeline.sample import sample_corpus  # noqa: E402
-from train import ensemble_cli  # noqa: E402
-from train.checkpoint import load_member  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import EvalStream, make_loader, read_card, shard_uris  # noqa: E402
-from train.engine import StepContext, evaluate  # noqa: E402
+from subspectral.pipeline.sample import sample_corpus  # noqa: E402
+from subspectral.schemas import DatasetCard  # noqa: E402
+from subspectral.train.checkpoint import load_trained_model  # noqa: E402
+from subspectral.train.config import TrainConfig  # noqa: E402
+from subspectral.train.data import make_loader  # noqa: E402
+from subspectral.train.engine import StepContext, evaluate  # noqa: E402
+from subspectral.train.ensemble import cli as ensemble_cli  # noqa: E402
+from subspectral.train.prepared import read_card, shard_uris  # noqa: E402
+from subspectral.train.stream import EvalStream  # noqa: E402
 
 
 def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
@@ -61,12 +63,12 @@ def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
     subprocess.run(command, check=True, capture_output=True)
 
 
-def time_alone(data: str, card: dict, run_dir: Path, shard: int, device: torch.device, batch: int) -> float:
+def time_alone(data: str, card: DatasetCard, run_dir: Path, shard: int, device: torch.device, batch: int) -> float:
     start = time.perf_counter()
-    model, _ = load_member(run_dir)
+    model, _ = load_trained_model(run_dir)
     model = model.to(device)
     stream = EvalStream(shard_uris(data, card, shard, "val"), card, batch_size=batch, rank=0, world=1)
-    context = StepContext(device, None, int(card["num_classes"]), TrainConfig())
+    context = StepContext(device, None, card.num_classes, TrainConfig())
     evaluate(model, make_loader(stream, workers=0, pin_memory=False), context)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,7 +110,7 @@ def main() -> None:
         data, runs = Path(tmp) / "data", Path(tmp) / "runs"
         prepare(data, args.split, args.per_class, args.val_per_class)
         card = read_card(str(data))
-        run_dirs = [make_torch_run(runs, card, k, 50.0, str(data), name=args.model, stem=args.stem)
+        run_dirs = [make_torch_run(runs, card.to_json(), k, 50.0, str(data), name=args.model, stem=args.stem)
                     for k in range(members)]
         # Warm-up (imports, allocator, cuDNN autotuning), then interleaved measured rounds.
         time_alone(str(data), card, run_dirs[0], 0, device, args.batch_size)
@@ -120,7 +122,7 @@ def main() -> None:
             together.append(time_together(str(data), runs, Path(tmp) / "report", device, args.batch_size))
         ratios = [t / a for t, a in zip(together, alone, strict=True)]
         result = {
-            "split": args.split, "members": members, "val_images": card["splits"]["val"]["samples"],
+            "split": args.split, "members": members, "val_images": card.splits["val"].samples,
             "model": f"{args.model}/{args.stem}", "device": str(device), "batch_size": args.batch_size,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
             "alone_sum_s_median": round(statistics.median(alone), 3),

@@ -47,13 +47,13 @@ print((time.perf_counter() - start) / 3)
 
 _STEP_PROBE = """
 import sys, time, numpy as np
-from train.mindspore.runtime import prepare_environment
+from subspectral.train.mindspore.runtime import prepare_environment
 prepare_environment("CPU")
 import mindspore as ms
 from mindspore import Tensor, nn
 ms.set_context(mode=ms.GRAPH_MODE); ms.set_device("CPU")
-from train.mindspore.models import create_model
-from train.mindspore.step import SoftTargetLoss, TrainStep
+from subspectral.train.mindspore.models import create_model
+from subspectral.train.mindspore.step import SoftTargetLoss, TrainStep
 net = create_model("resnet18", 10, stem="imagenet")
 step = TrainStep(SoftTargetLoss(net, 10, 0.0), nn.Momentum(net.trainable_params(), 0.01, 0.9), False, 0.0)
 step.set_train()

@@ -56,8 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import encode  # noqa: E402
-from pipeline.prepare import pil_flavour  # noqa: E402
+from subspectral.pipeline import encode  # noqa: E402
+from subspectral.pipeline.prepare import pil_flavour  # noqa: E402
 
 CORPUS_VERSION = 1  # bump when the generator changes, so a stale cache is not reused
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -268,7 +268,7 @@ def naive_pipeline(files: list[Path], work_dir: Path) -> Run:
 
 def prepare_options(corpus: Path, out: Path, shard_size: int):
     """The options ``cli.py prepare --src CORPUS --out OUT --split 36 --format jpg --quality 95`` builds."""
-    from pipeline.prepare_cli import add_arguments, options_from_args
+    from subspectral.pipeline.prepare_cli import add_arguments, options_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -281,11 +281,10 @@ def planned_shard_tasks(corpus: Path, shard_size: int) -> list:
     """The shard tasks ``prepare()`` would run, from the pipeline's own listing and plan (start-up, not timed)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from pipeline.listing import list_unit, plan_units
-    from pipeline.plan import make_plan
-    from pipeline.shard import ShardTask
-    from pipeline.storage import Location
+    from subspectral.pipeline.listing import list_unit, plan_units
+    from subspectral.pipeline.plan import make_plan
+    from subspectral.pipeline.shard import ShardTask
+    from subspectral.pipeline.storage import Location
 
     options = prepare_options(corpus, corpus, shard_size)
     units, _ = plan_units(list(options.sources), options.layout)
@@ -302,8 +301,8 @@ def ours_serial(task, work_dir: Path, extension: bool = True) -> Run:
     """Our per-shard worker, ``write_shard``, on one planned shard in this process: exactly what
     ``prepare(executor="serial")`` runs for each shard between planning and finalising. With
     ``extension=False``, as where ``pipeline._splitjpeg`` is not built."""
-    from pipeline.shard import write_shard
-    from pipeline.storage import location
+    from subspectral.pipeline.shard import write_shard
+    from subspectral.pipeline.storage import location
 
     out = tempfile.mkdtemp(prefix="ours-serial-", dir=work_dir)
     built = encode._splitjpeg
@@ -320,7 +319,7 @@ def ours_serial(task, work_dir: Path, extension: bool = True) -> Run:
 
 def ours_prepare_ray(corpus: Path, work_dir: Path, shard_size: int, workers: int) -> Run:
     """The real ``prepare()`` on an embedded Ray into a fresh output; steady state = its shard phase."""
-    from pipeline.prepare import prepare
+    from subspectral.pipeline.prepare import prepare
 
     out = Path(tempfile.mkdtemp(prefix=f"ours-ray-{workers}-", dir=work_dir)) / "out"
     marks: dict[str, float] = {}

@@ -30,9 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_prepare import planned_shard_tasks  # noqa: E402
-
-from pipeline.shard import write_shard  # noqa: E402
-from pipeline.storage import location  # noqa: E402
+from subspectral.pipeline.shard import write_shard  # noqa: E402
+from subspectral.pipeline.storage import location  # noqa: E402
 
 
 def _write(task_and_out):
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(n) for n in args.workers.split(",")]
     tasks = planned_shard_tasks(args.corpus, args.shard_size)
     work_dir = Path(tempfile.mkdtemp(prefix="scaling-"))
-    from pipeline import encode
+    from subspectral.pipeline import encode
 
     print(f"{len(tasks)} planned shards of ≤ {args.shard_size}; {os.cpu_count()} CPUs; JPEG encoder "
           f"{encode.jpeg_library()}")

@@ -32,8 +32,7 @@ def _rss_mb() -> float:
 
 def measure(model_name: str, stem: str, size: int, batch: int, steps: int, device: str, amp: bool) -> dict:
     import torch
-
-    from train.models import create_model
+    from subspectral.train.models import create_model
 
     torch.manual_seed(0)
     model = create_model(model_name, 1000, stem=stem).to(device)
@@ -73,9 +72,8 @@ def measure(model_name: str, stem: str, size: int, batch: int, steps: int, devic
 
 def flops_table() -> list[dict]:
     import torch
+    from subspectral.train.models import MODEL_BUILDERS, create_model
     from torch.utils.flop_counter import FlopCounterMode
-
-    from train.models import MODEL_BUILDERS, create_model
 
     rows = []
     for name in MODEL_BUILDERS:

@@ -14,8 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from train.ebv import generate_ebv, max_abs_cos, reachable_threshold, welch_bound  # noqa: E402
+from subspectral.train.ebv import generate_ebv, max_abs_cos, reachable_threshold, welch_bound  # noqa: E402
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ RUN apt-get update \
 WORKDIR /opt/subspectral
 COPY pyproject.toml setup.py README.md cli.py ./
 COPY scripts/setup.sh scripts/
+COPY subspectral subspectral/
 COPY pipeline pipeline/
 COPY schemas schemas/
 COPY train train/
@@ -32,7 +33,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Fail the build, not the job, when the extra did not bring MindSpore in.
 RUN scripts/setup.sh "${EXTRA}" \
     && .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("mindspore") else "no mindspore")' \
-    && .venv/bin/python -c 'import pipeline._splitjpeg' \
+    && .venv/bin/python -c 'import subspectral.pipeline._splitjpeg' \
     && rm -rf .venv/lib/python3.11/site-packages/ray/tests
 
 FROM ${CANN_IMAGE}

@@ -21,6 +21,7 @@ WORKDIR /opt/subspectral
 # Only what the install needs: the rest of the tree (tests, bench, .venv) never enters the image.
 COPY pyproject.toml setup.py README.md cli.py ./
 COPY scripts/setup.sh scripts/
+COPY subspectral subspectral/
 COPY pipeline pipeline/
 COPY schemas schemas/
 COPY train train/
@@ -34,7 +35,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN if [ -n "${TORCH_EXTRA_INDEX}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_EXTRA_INDEX}"; fi \
     && scripts/setup.sh "${EXTRA}" \
     && .venv/bin/python -c 'import PIL, sys; sys.exit(0 if ".post" in PIL.__version__ else "pillow-simd missing")' \
-    && .venv/bin/python -c 'import pipeline._splitjpeg' \
+    && .venv/bin/python -c 'import subspectral.pipeline._splitjpeg' \
     && rm -rf .venv/lib/python3.11/site-packages/ray/tests
 
 FROM ${PYTHON_IMAGE}

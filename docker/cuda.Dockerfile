@@ -22,13 +22,14 @@ RUN apt-get update \
 WORKDIR /opt/subspectral
 COPY pyproject.toml setup.py README.md cli.py ./
 COPY scripts/setup.sh scripts/
+COPY subspectral subspectral/
 COPY pipeline pipeline/
 COPY schemas schemas/
 COPY train train/
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN scripts/setup.sh \
     && .venv/bin/python -c 'import PIL, sys; sys.exit(0 if ".post" in PIL.__version__ else "pillow-simd missing")' \
-    && .venv/bin/python -c 'import pipeline._splitjpeg' \
+    && .venv/bin/python -c 'import subspectral.pipeline._splitjpeg' \
     && .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.version.cuda else "torch is not a CUDA build")' \
     && rm -rf .venv/lib/python3.11/site-packages/ray/tests
 

@@ -7,8 +7,11 @@ embedded local Ray, or on a cluster (``--ray-address`` / ``RAY_ADDRESS``). Tasks
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -37,11 +40,8 @@ class RayRunner:
             # cleanly and tells the user to rerun.
             sigterm_handler = signal.getsignal(signal.SIGTERM)
             if address:
-                # Ship the project's packages so workers on other machines import the same code.
-                import pipeline
-                import schemas
-
-                ray.init(address=address, runtime_env={"py_modules": [pipeline, schemas]},
+                # Ship the package so workers on other machines import the same code as this driver.
+                ray.init(address=address, runtime_env={"py_modules": [package_for_workers()]},
                          log_to_driver=True, logging_level="ERROR")
             else:
                 ray.init(num_cpus=num_workers, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
@@ -74,6 +74,34 @@ class RayRunner:
     def shutdown(self) -> None:
         if self._started:
             self._ray.shutdown()
+
+
+def package_for_workers() -> str:
+    """A temporary folder ``…/subspectral`` holding what a shard task imports, for Ray's ``py_modules``.
+
+    The package's own files plus its ``pipeline`` and ``schemas`` stages, copied from wherever this
+    process imported them: an installed package, an editable install or a checkout, whose stage
+    folders live beside ``subspectral/`` rather than in it. Compiled extensions come along (Ray's
+    upload of a git checkout would leave git-ignored ``.so`` files out).
+    """
+    import subspectral.pipeline
+    import subspectral.schemas
+
+    import subspectral
+
+    root = tempfile.mkdtemp(prefix="subspectral-ray-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = os.path.join(root, "subspectral")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    os.mkdir(target)
+    package_dir = os.path.dirname(subspectral.__file__)
+    for name in sorted(os.listdir(package_dir)):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(package_dir, name), target)
+    for stage in (subspectral.pipeline, subspectral.schemas):
+        shutil.copytree(os.path.dirname(stage.__file__), os.path.join(target, stage.__name__.rsplit(".", 1)[1]),
+                        ignore=skip)
+    return target
 
 
 def default_workers() -> int:

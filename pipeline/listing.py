@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
+from subspectral.schemas.reasons import RejectReason
+from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import Location
 
@@ -74,7 +74,8 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
         if split_roots:
             for name in names:
                 if name not in split_roots:
-                    rejects.add(loc.join(name).uri, "stray_file", "not a split folder next to train/ and val/")
+                    rejects.add(loc.join(name).uri, RejectReason.STRAY_FILE,
+                                "not a split folder next to train/ and val/")
         for root, split in roots:
             root_fs, root_path = root.resolve()
             root_entries = entries if split is None else _list_dir(root_fs, root_path)
@@ -87,7 +88,8 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
                 elif kind == "imagefolder" and entry.type == pafs.FileType.Directory:
                     units.append(ListingUnit("folder", child.uri, name, split))
                 else:
-                    rejects.add(child.uri, "stray_file", f"not a class {'tar' if kind == 'class-tars' else 'folder'}")
+                    expected = "tar" if kind == "class-tars" else "folder"
+                    rejects.add(child.uri, RejectReason.STRAY_FILE, f"not a class {expected}")
     return units, rejects.table()
 
 
@@ -115,9 +117,9 @@ class _RejectBuilder:
     def __init__(self) -> None:
         self.rows: dict[str, list[str]] = {"source": [], "reason": [], "detail": []}
 
-    def add(self, source: str, reason: str, detail: str) -> None:
+    def add(self, source: str, reason: RejectReason, detail: str) -> None:
         self.rows["source"].append(source)
-        self.rows["reason"].append(reason)
+        self.rows["reason"].append(reason.value)
         self.rows["detail"].append(detail)
 
     def table(self) -> pa.Table:
@@ -162,10 +164,10 @@ def _list_folder(unit: ListingUnit) -> Listed:
         if _is_image_name(name) and not name.startswith("."):
             inputs.add(source, None, -1, info.size, name)
         else:
-            rejects.add(source, "stray_file", "not an image file name")
+            rejects.add(source, RejectReason.STRAY_FILE, "not an image file name")
     table = inputs.table()
     if table.num_rows == 0:
-        rejects.add(unit.uri, "empty_class", "class folder holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class folder holds no image")
     return Listed(table, rejects.table())
 
 
@@ -177,10 +179,10 @@ def _list_tar(unit: ListingUnit) -> Listed:
             for member in archive:
                 _list_tar_member(unit.uri, member, inputs, rejects)
     except (tarfile.TarError, OSError, EOFError) as error:
-        rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
+        rejects.add(unit.uri, RejectReason.CORRUPT_TAR, f"{type(error).__name__}: {error}")
     table = inputs.table()
     if table.num_rows == 0 and not rejects.rows["source"]:
-        rejects.add(unit.uri, "empty_class", "class tar holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class tar holds no image")
     return Listed(table, rejects.table())
 
 
@@ -197,13 +199,13 @@ def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, r
             kind = "device or special file"
         else:
             kind = "path"
-        rejects.add(source, "unsafe_tar_member", f"unsafe {kind}: never read")
+        rejects.add(source, RejectReason.UNSAFE_TAR_MEMBER, f"unsafe {kind}: never read")
         return
     base = parts[-1]
     if _is_image_name(base) and not base.startswith("."):
         inputs.add(uri, name, member.offset_data, member.size, base)
     else:
-        rejects.add(source, "stray_file", "not an image file name")
+        rejects.add(source, RejectReason.STRAY_FILE, "not an image file name")
 
 
 def _list_file(unit: ListingUnit) -> Listed:

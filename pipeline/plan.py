@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from schemas.tables import PLAN_SCHEMA, REJECTS_SCHEMA
+from subspectral.schemas.reasons import RejectReason
+from subspectral.schemas.tables import PLAN_SCHEMA, REJECTS_SCHEMA
 
 MAX_KEY_LENGTH = 80  # keeps every tar member name (key + extension) inside ustar's 100 bytes
 
@@ -68,7 +68,7 @@ def make_plan(inputs: pa.Table, options: PlanOptions) -> Plan:
     rejects = pa.table(
         {
             "source": [sources[i] for i in np.flatnonzero(~keep_mask.to_numpy(zero_copy_only=False))],
-            "reason": ["below_min_per_class"] * dropped.num_rows,
+            "reason": [RejectReason.BELOW_MIN_PER_CLASS.value] * dropped.num_rows,
             "detail": [f"class {c} has fewer than {options.min_per_class} images" for c in
                        dropped.column("class").to_pylist()],
         },

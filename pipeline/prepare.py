@@ -6,8 +6,8 @@ Orchestration only: what to do and in which order; the work itself lives in ``li
 
 from __future__ import annotations
 
-import hashlib
 import io
+import logging
 import sys
 import time
 from collections import Counter
@@ -18,22 +18,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from subspectral.schemas.card import (
+    SHARDS_SCHEMA,
+    ByteCounts,
+    Counts,
+    DatasetCard,
+    Source,
+    SplitSummary,
+    shard_file,
+    shards_table,
+    sub_dataset_names,
+)
+from subspectral.schemas.documents import SCHEMA_VERSION, class_table_sha256, listing_sha256
+from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, STATUS_SCHEMA
 
-from schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
+from subspectral import __version__
 
-from . import __version__, decompose, encode, resize
+from . import decompose, encode, resize
 from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
 from .plan import Plan, PlanOptions, make_plan, source_uris
-from .shard import (
-    SampleEncoder,
-    SampleSpec,
-    ShardTask,
-    stats_location,
-    status_location,
-    sub_dataset_names,
-    write_shard,
-)
+from .shard import SampleEncoder, SampleSpec, ShardTask, stats_location, status_location, write_shard
 from .storage import Location, exists, read_bytes, read_json, write_bytes, write_json
 
 
@@ -79,8 +84,12 @@ def pil_flavour() -> str:
 
 
 def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
-            executor: str = "ray", log: Callable[[str], None] = print) -> dict:
-    """Run the whole command; returns the summary (the dataset card plus run timings)."""
+            executor: str = "ray", log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole command; returns the summary (the dataset card plus run timings).
+
+    Messages go to ``log`` (default: the ``subspectral.pipeline`` logger at INFO).
+    """
+    log = log or logging.getLogger(__name__).info
     validate(options)
     out = Location(options.out)
     params = output_parameters(options)
@@ -88,10 +97,10 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     if not dry_run:
         _claim_output(out, params)
         if exists(out.join("dataset.json")):
-            card = read_json(out.join("dataset.json"))
-            log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
+            card = DatasetCard.from_json(read_json(out.join("dataset.json")), out.join("dataset.json").uri)
+            log(f"{out.uri} is already complete: {card.counts.written} samples in {card.split} "
                 "sub-datasets; nothing to do")
-            return card
+            return card.to_json()
     units = plan_units(list(options.sources), options.layout)  # checks the sources before starting Ray
     started = time.perf_counter()
     runner = RayRunner(num_workers, ray_address) if executor == "ray" and not dry_run else None
@@ -232,51 +241,50 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
     _write_parquet(out.join("manifest.parquet"), manifest)
     _write_parquet(out.join("rejects.parquet"), rejects)
     _write_parquet(out.join("classes.parquet"), classes)
+    _write_parquet(out.join("shards.parquet"), pa.concat_tables(
+        [shards_table(s["split"], s["shard"], s["samples"], s["bytes"], s["sha256"]) for s in stats]
+    ) if stats else SHARDS_SCHEMA.empty_table())
     scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
-    card = {
-        "schema": "subspectral-dataset",
-        "schema_version": SCHEMA_VERSION,
-        "tool_version": __version__,
-        "split": spec.split,
-        "grid": spec.grid,
-        "size": spec.size,
-        "image_size": spec.image_size,
-        "resize_mode": spec.resize_mode,
-        "transform": spec.transform,
-        "dct_scale": scale,
-        "format": spec.image_format,
-        "quality": spec.quality,
-        "seed": options.plan.seed,
-        "shard_size": options.plan.shard_size,
-        "val_per_class": options.plan.val_per_class,
-        "min_per_class": options.plan.min_per_class,
-        "min_side": spec.limits.min_side,
-        "max_pixels": spec.limits.max_pixels,
-        "num_classes": len(plan.classes),
-        "class_table_sha256": class_table_sha256(plan.classes),
-        "sub_datasets": sub_dataset_names(spec.split),
-        "splits": {
-            split: {"shards": sum(1 for s, _ in shards if s == split),
-                    "samples": sum(st["samples"] for st in stats if st["split"] == split)}
-            for split in ("train", "val")
-        },
-        "counts": {
-            "inputs": listed,
-            "written": written.num_rows,
-            "rejected": rejects.num_rows,
-            "rejected_by_reason": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
-        },
-        "bytes": {"total": sum(per_sub), "per_sub_dataset": per_sub,
-                  "per_sample_per_sub_dataset": sum(per_sub) / max(1, written.num_rows * spec.split)},
-        "source": {"uris": list(options.sources), "layout": options.layout},
-        "pil": pil_flavour(),
-    }
-    write_json(out.join("dataset.json"), card)
-    return card
-
-
-def class_table_sha256(classes: list[str]) -> str:
-    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+    splits = {}
+    for split in ("train", "val"):
+        done = [s for s in stats if s["split"] == split]  # in shard order, as _shard_index lists them
+        names = [shard_file(split, s["shard"]) for s in done]
+        digests = None if split == "train" else tuple(  # write_shard hashes val shards only
+            listing_sha256(names, [s["sha256"][k] for s in done]) for k in range(spec.split))
+        splits[split] = SplitSummary(shards=len(done), samples=sum(s["samples"] for s in done), sha256=digests)
+    card = DatasetCard(
+        tool_version=__version__,
+        split=spec.split,
+        grid=spec.grid,
+        size=spec.size,
+        image_size=spec.image_size,
+        sample_shape=(spec.size, spec.size, 3),
+        sample_dtype=spec.sample_dtype.name,
+        resize_mode=spec.resize_mode,
+        transform=spec.transform,
+        dct_scale=scale,
+        format=spec.image_format,
+        quality=spec.quality,
+        seed=options.plan.seed,
+        shard_size=options.plan.shard_size,
+        val_per_class=options.plan.val_per_class,
+        min_per_class=options.plan.min_per_class,
+        min_side=spec.limits.min_side,
+        max_pixels=spec.limits.max_pixels,
+        num_classes=len(plan.classes),
+        class_table_sha256=class_table_sha256(plan.classes),
+        sub_datasets=tuple(sub_dataset_names(spec.split)),
+        splits=splits,
+        counts=Counts(inputs=listed, written=written.num_rows, rejected=rejects.num_rows,
+                      rejected_by_reason=dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))),
+        bytes=ByteCounts(total=sum(per_sub), per_sub_dataset=tuple(per_sub),
+                         per_sample_per_sub_dataset=sum(per_sub) / max(1, written.num_rows * spec.split)),
+        source=Source(uris=tuple(options.sources), layout=options.layout),
+        pil=pil_flavour(),
+    )
+    document = card.to_json()
+    write_json(out.join("dataset.json"), document)
+    return document
 
 
 def _shard_index(rows: pa.Table) -> list[tuple[str, int]]:

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline import decompose, resize
-from pipeline.decode import decode_image
+from subspectral.pipeline import decompose, resize
+from subspectral.pipeline.decode import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES, SPLIT, SIZE = 3, 36, 56

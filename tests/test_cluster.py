@@ -189,10 +189,10 @@ def test_sigterm_during_prepare_then_rerun_completes(executor: str, sample_root:
 
 def test_a_sigterm_python_drops_still_stops_training_at_the_next_step(monkeypatch) -> None:
     import torch
+    from subspectral.train import stopping
+    from subspectral.train.progress import EpochProgress
 
-    import cli
-    from train import stopping
-    from train.progress import EpochProgress
+    from subspectral import cli
 
     monkeypatch.setattr(stopping, "_requested", None)  # restored after the test: other tests train in-process
 

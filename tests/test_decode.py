@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from conftest import encode, photo_like
 from PIL import Image, ImageOps
-
-from pipeline.decode import DecodedImage, RejectedInput, SizeLimits, decode_image, jpeg_exif_orientation
-from pipeline.resize import decoded_minimum, resize_square
+from subspectral.pipeline.decode import DecodedImage, RejectedInput, SizeLimits, decode_image, jpeg_exif_orientation
+from subspectral.pipeline.resize import decoded_minimum, resize_square
 
 
 def rgb(decoded: DecodedImage) -> np.ndarray:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pipeline.decompose import compose, dct_forward, dct_inverse, dct_quantisation, decompose, grid_factor
+from subspectral.pipeline.decompose import compose, dct_forward, dct_inverse, dct_quantisation, decompose, grid_factor
 
 
 @pytest.mark.parametrize("split", [1, 4, 9, 16, 36, 64])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from train.ebv import EBVHead, generate_ebv, max_abs_cos, reachable_threshold, welch_bound
+from subspectral.train.ebv import EBVHead, generate_ebv, max_abs_cos, reachable_threshold, welch_bound
 
 
 def test_basis_meets_threshold_and_has_unit_rows():

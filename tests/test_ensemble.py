@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from train.ensemble import (
+from subspectral.train.ensemble.fusion import (
     METHODS,
     Tally,
     fuse,

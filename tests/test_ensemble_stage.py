@@ -18,9 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from ensemble_fixtures import make_dataset, make_run, write_shard
-
-from train import ensemble_cli
-from train.members import MemberRun, register_loader
+from subspectral.train.ensemble import cli as ensemble_cli
+from subspectral.train.ensemble.members import FinishedRun, register_loader
 
 C = 4
 # Logits by rank (rank 0 = best own val accuracy), per sample; comments give the point of each.
@@ -46,8 +45,8 @@ OWN_TOP1 = {1: 80.0, 2: 60.0, 0: 50.0}  # percent, as the trainer writes final.j
 
 
 class PixelMember:
-    def __init__(self, run: MemberRun) -> None:
-        self.shard, self.meta = run.shard, run.run
+    def __init__(self, run: FinishedRun) -> None:
+        self.shard, self.meta = run.shard, run.record.to_json()
 
     def predict(self, images: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(images).reshape(len(images), -1)[:, :C].float()
@@ -184,7 +183,7 @@ def test_misaligned_shards_stop_the_stage(stage, capsys) -> None:
 
 def test_empty_val_split_is_one_clear_error(stage, capsys) -> None:
     data, runs, card = stage
-    card["splits"]["val"] = {"shards": 0, "samples": 0}
+    card["splits"]["val"] = {**card["splits"]["val"], "shards": 0, "samples": 0}
     (data / "dataset.json").write_text(json.dumps(card))
     assert run_stage(data, runs) == 2
     assert "val split is empty" in capsys.readouterr().err

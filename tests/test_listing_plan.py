@@ -4,10 +4,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from corpora import GOOD_PER_CLASS, TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
-
-from pipeline.listing import list_unit, plan_units
-from pipeline.plan import PlanOptions, make_keys, make_plan
-from pipeline.storage import location
+from subspectral.pipeline.listing import list_unit, plan_units
+from subspectral.pipeline.plan import PlanOptions, make_keys, make_plan
+from subspectral.pipeline.storage import location
 
 
 def list_all(root, layout="auto"):

@@ -52,7 +52,7 @@ def test_graph_mode_learns_above_chance_in_the_torch_run_layout(graph_run):
     assert set(lines[-1]) == TORCH_METRIC_KEYS and lines[-1]["steps"] == 10
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     # The cost fields of the torch backend, counted the same way.
-    from train.models import create_model
+    from subspectral.train.models import create_model
 
     torch_twin = create_model(run["model"]["name"], 10, stem=run["model"]["stem"])
     assert final["parameters"] == sum(p.numel() for p in torch_twin.parameters())
@@ -62,6 +62,18 @@ def test_graph_mode_learns_above_chance_in_the_torch_run_layout(graph_run):
     for name in ("config.yaml", "last.ckpt", "best.ckpt", "final.ckpt", "tb"):
         assert (graph_run / name).exists(), name
     assert not [p for p in graph_run.iterdir() if p.name.startswith(".")]  # no temporary checkpoint left
+
+
+def test_final_safetensors_of_a_trained_member_loads_into_torchvision(graph_run):
+    import torchvision
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = graph_run / "final.safetensors"
+    with safe_open(path, "pt") as handle:
+        assert json.loads(handle.metadata()["subspectral.run"]) == json.loads((graph_run / "run.json").read_text())
+    net = torchvision.models.resnet18(num_classes=10)  # the sample recipe: resnet18, imagenet stem
+    net.load_state_dict(load_file(path))  # strict
 
 
 def test_pynative_mode_trains(prepared_sample, tmp_path):

@@ -12,7 +12,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,14 +22,13 @@ import webdataset as wds
 from conftest import REPO, photo_like, run_cli
 from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
 from PIL import Image
-
-from pipeline.decode import SizeLimits
-from pipeline.decompose import dct_inverse
-from pipeline.plan import PlanOptions
-from pipeline.prepare import PrepareOptions, prepare
-from pipeline.shard import SampleEncoder, SampleSpec
-from pipeline.storage import location
-from schemas import card_schema
+from subspectral.pipeline.decode import SizeLimits
+from subspectral.pipeline.decompose import dct_inverse
+from subspectral.pipeline.plan import PlanOptions
+from subspectral.pipeline.prepare import PrepareOptions, prepare
+from subspectral.pipeline.shard import SampleEncoder, SampleSpec
+from subspectral.pipeline.storage import location
+from subspectral.schemas import DatasetCard
 
 
 def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",
@@ -53,7 +51,7 @@ def read_sub_dataset(out: Path, name: str, split: str) -> list[dict]:
 def assert_aligned(out: Path) -> dict:
     """Every sub-dataset holds the same keys in the same shards in the same order; returns the card."""
     card = json.loads((out / "dataset.json").read_text())
-    jsonschema.validate(card, card_schema())
+    DatasetCard.from_json(card)  # valid against the JSON Schema, consistent, of this version
     for split, info in card["splits"].items():
         for j in range(info["shards"]):
             reference = None
@@ -262,7 +260,7 @@ def test_images_of_at_least_s_by_s_are_kept_by_default(tmp_path):
     # Fashion-MNIST-sized 28x28 images at S = 2 x 14: the old default (--min-side 32) rejected all of them.
     import argparse
 
-    from pipeline import prepare_cli
+    from subspectral.pipeline import prepare_cli
 
     src = tmp_path / "small"
     for c in range(2):

@@ -7,8 +7,7 @@ import os
 import tarfile
 
 import pytest
-
-from pipeline.reader import SourceReader
+from subspectral.pipeline.reader import SourceReader
 
 
 @pytest.mark.parametrize("hint", ["unknown", "exact", "smaller", "larger", "zero"])

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from conftest import photo_like
 from PIL import Image
-
-from pipeline.resize import decoded_minimum, pixels, resize_square
+from subspectral.pipeline.resize import decoded_minimum, pixels, resize_square
 
 
 def test_center_crop_takes_the_exact_centre_square():

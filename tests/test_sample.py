@@ -7,9 +7,8 @@ import re
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-
-from pipeline import sample
-from pipeline.sample import plan_sample, render_image, sample_corpus
+from subspectral.pipeline import sample
+from subspectral.pipeline.sample import plan_sample, render_image, sample_corpus
 
 CLASSES, PER_CLASS = 10, 60
 

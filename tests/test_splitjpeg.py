@@ -16,9 +16,8 @@ import simplejpeg
 from conftest import photo_like
 from PIL import Image
 from skimage import data as skdata
-
-from pipeline import decompose, encode
-from pipeline.shard import SampleEncoder, SampleSpec
+from subspectral.pipeline import decompose, encode
+from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 
 BUILD_HINT = ("pipeline._splitjpeg is not built: it needs a C compiler and libjpeg-turbo's headers "
               "(Debian: gcc libjpeg62-turbo-dev); then rerun scripts/setup.sh")
@@ -87,7 +86,7 @@ def test_pillow_images_are_read_in_place_with_the_same_bytes(split_encode_95, mo
 
 
 def test_exports_it_cannot_read_in_place_are_refused():
-    from pipeline import _splitjpeg
+    from subspectral.pipeline import _splitjpeg
 
     grey = Image.new("L", (336, 336))  # exported as plain uint8, not fixed_size_list<uint8>[4]
     with pytest.raises(ValueError, match="fixed_size_list"):
@@ -98,7 +97,7 @@ def test_exports_it_cannot_read_in_place_are_refused():
 
 
 def test_bad_arguments_are_a_clear_error():
-    from pipeline import _splitjpeg
+    from subspectral.pipeline import _splitjpeg
 
     pixels = np.zeros((336, 336, 4), np.uint8)
     for args in [(pixels, 336, 4, 5, 95), (pixels, 336, 2, 6, 95), (pixels, 330, 4, 6, 95), (pixels, 336, 4, 6, 0)]:
@@ -132,9 +131,9 @@ def test_sample_encoder_uses_it_only_for_jpg_phases(split_encode_95):
 
 def test_shards_are_byte_identical_with_and_without_the_extension(sample_root, tmp_path, monkeypatch,
                                                                   split_encode_95):
-    from pipeline.plan import PlanOptions
-    from pipeline.prepare import PrepareOptions, prepare
-    from pipeline.storage import location
+    from subspectral.pipeline.plan import PlanOptions
+    from subspectral.pipeline.prepare import PrepareOptions, prepare
+    from subspectral.pipeline.storage import location
 
     def run(out: Path) -> Path:
         options = PrepareOptions(sources=(location(sample_root).uri,), out=location(out).uri, layout="auto",

@@ -5,8 +5,7 @@ import tarfile
 
 import pytest
 import webdataset as wds
-
-from pipeline.tarwriter import BLOCK, MemberHeader, TarShardWriter, member_bytes, padding
+from subspectral.pipeline.tarwriter import BLOCK, MemberHeader, TarShardWriter, member_bytes, padding
 
 
 def write(samples):

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from subspectral.pipeline.sample import sample_corpus
+from subspectral.train.checkpoint import save_torch
+from subspectral.train.config import TrainConfig, apply_overrides, load_recipe
+from subspectral.train.distributed import DistInfo
+from subspectral.train.engine import StepContext, autocast_dtype, train_one_epoch
+from subspectral.train.run import MemberJob
+from subspectral.train.trainer import MemberTrainer
 from torch import nn
-
-from pipeline.sample import sample_corpus
-from train.checkpoint import save_torch
-from train.config import TrainConfig, apply_overrides, load_recipe
-from train.distributed import DistInfo
-from train.engine import StepContext, autocast_dtype, train_one_epoch
-from train.trainer import MemberJob, MemberTrainer
 
 FP16 = ("--shard", "1", "--config", "sample", "--no-progress", "schedule.epochs=2", "data.batch_size=5",
         "train.amp=true", "train.amp_dtype=float16")
@@ -67,7 +67,7 @@ def test_trainer_wires_autocast_and_the_grad_scaler(small_sample, tmp_path, over
 
 def _built_trainer(data: Path, out: Path, overrides: list[str]) -> MemberTrainer:
     recipe = apply_overrides(load_recipe("sample"), ["data.batch_size=10", *overrides])
-    trainer = MemberTrainer(MemberJob(str(data), 0, out, False, torch.device("cpu"), False), recipe, DistInfo())
+    trainer = MemberTrainer(MemberJob(str(data), 0, out, False, False), recipe, DistInfo(), torch.device("cpu"))
     trainer.build()
     return trainer
 

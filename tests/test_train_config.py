@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from train.config import ConfigError, apply_overrides, list_recipes, load_recipe, recipe_from_dict
+from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe, recipe_from_dict
 
 SEED_RECIPES = ("imagenet1k", "imagenet21k-sub36", "imagenet21k-sub36-cosine", "resnet50-ebv", "resnext50", "sample")
 
@@ -83,7 +82,7 @@ def test_crop_padding_takes_pixels_or_a_fraction_of_the_side():
 
 
 def test_small_recipe_picks_stem_and_padding_from_the_size_and_the_others_are_unchanged_at_56():
-    from train.data import padding_pixels
+    from subspectral.train.stream import padding_pixels
 
     small = load_recipe("small")
     assert small.model.stem == "auto" and small.data.crop_padding == 0.125

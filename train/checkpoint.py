@@ -1,65 +1,32 @@
-"""Run-folder files: atomic writes, checkpoints (weights_only loads), the EBV basis file, member loading.
+"""The torch backend's run-folder files: checkpoints (weights_only loads), the EBV basis file, the trained model.
 
 A run folder ``RUNS/sub-KK/`` holds config.yaml, run.json, metrics.jsonl, tb/, last.pt, best.pt,
-ebv_basis.safetensors (EBV heads only), final.pt and final.json (written last: the member is done).
+ebv_basis.safetensors (EBV heads only), final.pt, final.safetensors and final.json (written last:
+the member is done). final.pt is this tool's (the ``SubNetwork``: input normalisation + ``net.``);
+final.safetensors is for any other tool: the torchvision network's own state dict (docs/training.md,
+"Using a member outside subspectral").
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from subspectral.schemas import ContractError, RunRecord
+from subspectral.train import portable
+from subspectral.train.ebv import EBVHead
+from subspectral.train.models import SubNetwork, ebv_basis_of, model_from_run
+from subspectral.train.portable import portable_name
+from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError, atomic_write
 from torch import nn
-
-from train.models import ebv_basis_of, model_from_run
-
-BASIS_FILE = "ebv_basis.safetensors"
-# run.json fields that must agree between a checkpoint and the run resuming from it.
-IDENTITY_FIELDS = ("shard", "class_table_sha256", "num_classes", "split", "format", "transform", "model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not belong to this run; the message is one line for the user."""
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def same_file_as(source: Path, path: Path) -> None:
-    """Make ``path`` hold what ``source`` holds (atomically): a hard link, so best == last costs no disk.
-
-    ``source`` is always replaced by rename, never rewritten in place, so the link keeps the old
-    content when ``source`` moves on. Filesystems without hard links get a copy.
-    """
-    def link(tmp: Path) -> None:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-
-    _atomic(path, link)
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,7 +69,7 @@ def save_basis(run_dir: Path, model: nn.Module) -> None:
     basis = ebv_basis_of(model)
     if basis is not None:
         tensors = {"basis": basis.detach().cpu().contiguous()}
-        _atomic(run_dir / BASIS_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write(run_dir / BASIS_FILE, lambda tmp: save_file(tensors, tmp))
 
 
 def verify_basis(run_dir: Path, model: nn.Module) -> None:
@@ -117,7 +84,7 @@ def verify_basis(run_dir: Path, model: nn.Module) -> None:
         raise CheckpointError(f"the EBV basis in the weights differs from {path}")
 
 
-def load_member(run_dir: str | Path, weights: str = "final") -> tuple[nn.Module, dict[str, Any]]:
+def load_trained_model(run_dir: str | Path, weights: str = "final") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained member from its run folder: (model in eval mode on CPU, run.json content).
 
     ``weights`` is ``final`` (final.pt: EMA weights when EMA was on), ``best`` or ``last``.
@@ -128,7 +95,24 @@ def load_member(run_dir: str | Path, weights: str = "final") -> tuple[nn.Module,
         raise CheckpointError(f"{path} does not exist (is the member finished?)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     meta = checkpoint["meta"]
-    model = model_from_run(meta)
+    try:
+        record = RunRecord.from_json(meta, f"{path}'s run record")
+    except ContractError as exc:
+        raise CheckpointError(str(exc)) from exc
+    model = model_from_run(record.model, record.num_classes)
     model.load_state_dict(checkpoint["model"])
     verify_basis(run_dir, model)
     return model.eval(), meta
+
+
+def portable_state_dict(model: SubNetwork) -> dict[str, torch.Tensor]:
+    """The member's torchvision network as torchvision names it (``train.portable``)."""
+    heads = {name for name, module in model.net.named_modules() if isinstance(module, EBVHead)}
+    return {portable_name(name, heads): tensor.detach().cpu().contiguous()
+            for name, tensor in model.net.state_dict().items()}
+
+
+def save_portable(path: Path, model: SubNetwork, meta: dict[str, Any]) -> None:
+    """final.safetensors: ``portable_state_dict(model)``, with run.json in the metadata."""
+    tensors = portable_state_dict(model)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=portable.metadata(meta)))

@@ -103,8 +103,22 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Largest sub-image side for which model.stem=auto picks the lowres stem (the source method's stem for
+# its 56 and 112 px members). With it a network ends on a side/8 grid, with the imagenet stem on side/32;
+# up to 112 px the lowres grid is the nearer to torchvision's 7x7 at 224 (14 against 3.5 at 112).
+AUTO_LOWRES_MAX_SIDE = 112
+STEMS = ("imagenet", "lowres")
+
+
+def resolve_stem(stem: str, side: int) -> str:
+    """``auto`` → ``lowres`` for sub-images up to AUTO_LOWRES_MAX_SIDE px, ``imagenet`` above; others unchanged."""
+    if stem == "auto":
+        return "lowres" if side <= AUTO_LOWRES_MAX_SIDE else "imagenet"
+    return stem
+
+
 CHOICES = {
-    "model.stem": ("auto", "imagenet", "lowres"),
+    "model.stem": ("auto", *STEMS),
     "model.head": ("linear", "ebv"),
     "data.crop": ("none", "pad", "resized"),
     "optimizer.name": ("sgd", "adamw"),
@@ -122,7 +136,7 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in
 
 
 def recipe_dir() -> Path:
-    return Path(str(resources.files("train") / "recipes"))
+    return Path(str(resources.files(__package__) / "recipes"))
 
 
 def list_recipes() -> dict[str, str]:

@@ -1,315 +1,36 @@
-"""Streaming batches of one sub-dataset: dataset card checks, shard partition, shuffle, augment, batch.
-
-A stream is a ``webdataset.DataPipeline`` of small stages: pieces of shards -> webdataset samples
-(``{"__key__", "__url__", "jpg", "cls"}``) -> ``webdataset.shuffle`` (seeded buffer) -> decode into
-uint8 batch buffers -> augment. Tar bytes are parsed by ``train.shards`` (plain ustar directly,
-anything else through webdataset's own tar iterator): webdataset's ``tarfile_to_samples`` costs
-~100 us per sample here, more than decoding the 56x56 JPEG, against ~7 us.
-
-Work is split into *slots*, one per (DDP rank, DataLoader worker). Each shard is cut into
-``parts`` interleaved pieces (sample i goes to piece i % parts) with parts = ceil(slots / shards),
-and the pieces are dealt to the slots round-robin, so the slots always partition the data, however
-few shards there are. In training every rank runs exactly ``train_samples // global_batch``
-batches per epoch: a slot cycles over its pieces until its quota of batches is full (a slot with
-less data wraps around, one with more leaves the rest to later epochs), so ranks never wait on each
-other and never drop a partial batch silently. All randomness derives from (seed, epoch, slot):
-an epoch's batches are the same whether the run was resumed or not.
-"""
+"""The torch side of a member's input: numpy batch streams (``train.stream``) as DataLoader batches."""
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.config import DataConfig
-from train.shards import CorruptShard, decode_into, iter_samples, to_sample
-from train.storage import DataError, exists, join, read_bytes, read_json
 
-_CARD_FIELDS = ("split", "num_classes", "format", "transform", "class_table_sha256", "splits", "sub_datasets")
+class BatchStream(Protocol):
+    def pipeline(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]: ...
 
 
-def read_card(data_uri: str) -> dict:
-    """The dataset card; refuses an incomplete or unreadable dataset with one clear line."""
-    card_uri = join(data_uri, "dataset.json")
-    if not exists(card_uri):
-        raise DataError(f"{data_uri} is not a complete prepared dataset: {card_uri} is missing "
-                        "(run 'cli.py prepare' to the end first)")
-    try:
-        card = read_json(card_uri)
-    except ValueError as exc:
-        raise DataError(f"{card_uri} is not valid JSON: {exc}") from exc
-    missing = [name for name in _CARD_FIELDS if name not in card]
-    if missing:
-        raise DataError(f"{card_uri} lacks the field(s) {', '.join(missing)}")
-    return card
+class TorchBatches(IterableDataset):
+    """A ``train.stream`` stream as an IterableDataset: each DataLoader worker runs its own slot's pipeline."""
 
-
-def shard_uris(data_uri: str, card: dict, member: int, split: str) -> list[str]:
-    count = int(card["split"])
-    if not 0 <= member < count:
-        raise DataError(f"shard {member} is out of range: this dataset has {count} sub-datasets "
-                        f"(0..{count - 1})")
-    if split not in card["splits"] or card["splits"][split]["shards"] == 0:
-        raise DataError(f"the dataset has no {split!r} samples (prepare it with --val-per-class N for a val split)")
-    folder = card["sub_datasets"][member]
-    uris = [join(data_uri, folder, f"{split}-{j:06d}.tar") for j in range(card["splits"][split]["shards"])]
-    if not exists(uris[0]):
-        raise DataError(f"sub-dataset {member} is missing: {uris[0]} does not exist")
-    return uris
-
-
-def sample_shape(card: dict) -> tuple[tuple[int, int, int], np.dtype]:
-    size = int(card.get("size", 56))
-    dtype = np.dtype(np.int16) if card["transform"] == "dct" else np.dtype(np.uint8)
-    return (size, size, 3), dtype
-
-
-@dataclass(frozen=True)
-class Piece:
-    shard: int
-    part: int
-    parts: int
-
-
-def pieces_for_slot(num_shards: int, slot: int, num_slots: int) -> list[Piece]:
-    parts = max(1, math.ceil(num_slots / num_shards))
-    pieces = [Piece(shard, part, parts) for part in range(parts) for shard in range(num_shards)]
-    return pieces[slot::num_slots]
-
-
-def _slot() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-@dataclass
-class StreamStats:
-    """Shared by the stages of one stream: samples read, and samples dropped as unreadable."""
-
-    read: int = 0
-    skipped: int = 0
-
-
-# Pipeline stages, webdataset style: a source, then functions of the previous stage's iterator.
-
-def piece_source(uris: list[str], pieces: list[Piece], *, stats: StreamStats, rng: random.Random | None = None,
-                 forever: bool = False) -> Iterator[dict[str, Any]]:
-    """``{"url", "piece"}`` per piece; ``forever`` cycles (training), reshuffling each cycle when ``rng``."""
-    while True:
-        order = list(pieces)
-        if rng is not None:
-            rng.shuffle(order)
-        read_before = stats.read
-        for piece in order:
-            yield {"url": uris[piece.shard], "piece": piece}
-        if not forever:
-            return
-        if stats.read == read_before:
-            raise DataError(f"no readable sample in shards {sorted({uris[p.shard] for p in pieces})}")
-
-
-def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Each piece's webdataset samples: ``{"__key__", "__url__", "jpg": bytes, "cls": bytes, ...}``."""
-    for source in sources:
-        url, piece = source["url"], source["piece"]
-        try:
-            buffer = read_bytes(url)
-        except OSError as exc:
-            raise DataError(f"cannot read {url}: {exc}") from exc
-        try:
-            for index, (key, sample) in enumerate(iter_samples(buffer)):
-                if index % piece.parts == piece.part:
-                    sample["__key__"], sample["__url__"] = key, url
-                    stats.read += 1
-                    yield sample
-        except CorruptShard:
-            # The readable head of a damaged shard is kept; the rest cannot be counted, one is recorded.
-            stats.skipped += 1
-
-
-def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int, int], dtype: np.dtype,
-                    batch_size: int, max_batches: int | None, drop_last: bool,
-                    stats: StreamStats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Decode into batch buffers: ``(images N x H x W x C, labels, samples skipped since the last batch)``."""
-    made = reported = 0
-    while max_batches is None or made < max_batches:
-        images = np.empty((batch_size, *shape), dtype)
-        labels = np.empty(batch_size, np.int64)
-        filled = 0
-        for parts in samples:
-            sample = to_sample(parts["__key__"], parts)
-            if sample is not None and decode_into(images[filled], sample):
-                labels[filled] = sample.label
-                filled += 1
-                if filled == batch_size:
-                    break
-            else:
-                stats.skipped += 1
-        if filled < batch_size and (drop_last or filled == 0):
-            return
-        yield images[:filled], labels[:filled], stats.skipped - reported
-        reported = stats.skipped
-        made += 1
-
-
-def padding_pixels(crop_padding: int | float, side: int) -> int:
-    """``data.crop_padding`` in pixels for a ``side``-pixel image: an integer is pixels; a fraction below 1
-    is that share of the side, rounded half up, and at least 1 px when it is not 0 (0.125 → 1 px at 7,
-    2 at 14, 4 at 28 and 32, 7 at 56)."""
-    if isinstance(crop_padding, float) and crop_padding < 1:
-        return max(1, int(crop_padding * side + 0.5)) if crop_padding > 0 else 0
-    return int(crop_padding)
-
-
-def augment(images: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """Random crop (zero padding or resized) and horizontal flip of an N x H x W x C batch."""
-    count, height, width, _ = images.shape
-    flips = rng.random(count) < 0.5 if config.hflip else np.zeros(count, bool)
-    pad = padding_pixels(config.crop_padding, min(height, width))
-    if config.crop == "pad" and pad > 0:
-        # A random crop of the zero-padded image is the image shifted by (dy, dx) in [-pad, pad] with
-        # zeros filled in: one slice copy per sample, no padded copy of the batch. Mirroring after a
-        # shift by -dx equals shifting the mirrored image by dx, so the flip runs once, batched.
-        shifts = rng.integers(-pad, pad + 1, size=(count, 2))
-        shifts[flips, 1] *= -1
-        out = np.zeros_like(images)
-        for i, (dy, dx) in enumerate(shifts.tolist()):
-            out[i, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
-                images[i, max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
-    elif config.crop == "resized":
-        out = _resized_crops(images, config.resized_scale, rng)
-    else:
-        out = images.copy()
-    _mirror(out, flips)
-    return out
-
-
-def _mirror(images: np.ndarray, flips: np.ndarray) -> None:
-    """Flip ``images[flips]`` left-right in place."""
-    if not flips.any():
-        return
-    _, height, width, channels = images.shape
-    # One gather of each row's elements: ~4x faster than numpy's negative-stride copy of 3-element pixels.
-    order = (np.arange(width - 1, -1, -1)[:, None] * channels + np.arange(channels)).ravel()
-    rows = images[flips].reshape(-1, height, width * channels)
-    images[flips] = np.take(rows, order, axis=2).reshape(-1, height, width, channels)
-
-
-def _resized_crops(images: np.ndarray, min_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Inception-style random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]), bilinear."""
-    count, height, width, _ = images.shape
-    area = rng.uniform(min_scale, 1.0, count) * height * width
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), count))
-    crop_w = np.clip(np.sqrt(area * aspect), 1, width)
-    crop_h = np.clip(np.sqrt(area / aspect), 1, height)
-    top = rng.uniform(0, height - crop_h)
-    left = rng.uniform(0, width - crop_w)
-    # Sample every output pixel's source position, then interpolate bilinearly (vectorised).
-    grid = (np.arange(height) + 0.5) / height
-    ys = top[:, None] + grid[None, :] * crop_h[:, None] - 0.5
-    xs = left[:, None] + (np.arange(width) + 0.5)[None, :] / width * crop_w[:, None] - 0.5
-    y0 = np.clip(np.floor(ys).astype(int), 0, height - 1)
-    x0 = np.clip(np.floor(xs).astype(int), 0, width - 1)
-    y1 = np.minimum(y0 + 1, height - 1)
-    x1 = np.minimum(x0 + 1, width - 1)
-    wy = np.clip(ys - y0, 0, 1)[:, :, None, None]
-    wx = np.clip(xs - x0, 0, 1)[:, None, :, None]
-    batch = np.arange(count)[:, None, None]
-    src = images.astype(np.float32)
-
-    def row(y: np.ndarray) -> np.ndarray:
-        left_px = src[batch, y[:, :, None], x0[:, None, :]]
-        return left_px * (1 - wx) + src[batch, y[:, :, None], x1[:, None, :]] * wx
-
-    return np.rint(row(y0) * (1 - wy) + row(y1) * wy).astype(images.dtype)
-
-
-def _as_torch(images: np.ndarray, labels: np.ndarray, skipped: int) -> dict[str, torch.Tensor]:
-    return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
-            "skipped": torch.tensor(skipped)}
-
-
-class TrainStream(IterableDataset):
-    """An epoch of training batches for one DDP rank (``set_epoch`` before each epoch)."""
-
-    def __init__(self, uris: list[str], card: dict, config: DataConfig, *, batch_size: int,
-                 batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
-        self.uris = uris
-        self.shape, self.dtype = sample_shape(card)
-        self.config = config
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.rank = rank
-        self.world = world
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return len(self.stream)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, workers = _slot()
-        for images, labels, skipped in self.pipeline(worker, workers):
-            yield _as_torch(images, labels, skipped)
-
-    def pipeline(self, worker: int, workers: int) -> wds.DataPipeline:
-        """The ``webdataset.DataPipeline`` of loader worker ``worker`` of ``workers`` on this rank.
-
-        It yields numpy ``(images, labels, skipped)`` and nothing framework-specific, so the MindSpore
-        backend feeds exactly the same batches to its GeneratorDataset.
-        """
-        slot, slots = self.rank * workers + worker, self.world * workers
-        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        seed = (self.seed, self.epoch, slot)
-        stats = StreamStats()
-        buffer = self.config.shuffle_buffer
-        augment_rng = np.random.default_rng(list(seed))
-        return wds.DataPipeline(
-            partial(piece_source, self.uris, pieces_for_slot(len(self.uris), slot, slots), stats=stats,
-                    rng=random.Random(hash(seed)) if self.config.shuffle_shards else None, forever=quota > 0),
-            partial(piece_samples, stats=stats),
-            *([wds.shuffle(buffer, initial=buffer, rng=random.Random(hash((*seed, 1))))] if buffer > 1 else []),
-            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=quota, drop_last=True, stats=stats),
-            wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
-        )
-
-class EvalStream(IterableDataset):
-    """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""
-
-    def __init__(self, uris: list[str], card: dict, *, batch_size: int, rank: int, world: int) -> None:
-        self.uris = uris
-        self.shape, self.dtype = sample_shape(card)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world = world
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, workers = _slot()
-        stats = StreamStats()
-        pieces = pieces_for_slot(len(self.uris), self.rank * workers + worker, self.world * workers)
-        pipeline = wds.DataPipeline(
-            partial(piece_source, self.uris, pieces, stats=stats),
-            partial(piece_samples, stats=stats),
-            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=None, drop_last=False, stats=stats),
-        )
-        for images, labels, skipped in pipeline:
-            yield _as_torch(images, labels, skipped)
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for images, labels, skipped in self.stream.pipeline(worker, workers):
+            yield {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+                   "skipped": torch.tensor(skipped)}
 
 
-def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+def make_loader(stream: BatchStream, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(TorchBatches(stream), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -11,10 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from subspectral.train.config import Recipe, TrainConfig
+from subspectral.train.distributed import all_reduce_sum
+from subspectral.train.mixing import mix_batch
+from subspectral.train.schedule import lr_factor
 from torch import nn
-
-from train.config import Recipe, ScheduleConfig, TrainConfig
-from train.distributed import all_reduce_sum
 
 
 @dataclass
@@ -38,21 +38,6 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return getattr(torch, config.amp_dtype) if enabled else None
 
 
-def lr_factor(step: int, steps_per_epoch: int, config: ScheduleConfig, base_lr: float) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (per-step warmup, then the schedule)."""
-    epoch = step / steps_per_epoch
-    warmup = config.warmup_epochs
-    if warmup > 0 and epoch < warmup:
-        return config.warmup_start_factor + (1 - config.warmup_start_factor) * epoch / warmup
-    if config.name == "constant":
-        return 1.0
-    if config.name == "step":
-        return config.gamma ** (int(epoch) // config.step_epochs)
-    progress = min(1.0, (epoch - warmup) / max(config.epochs - warmup, 1e-9))
-    floor = config.min_lr / base_lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     config = recipe.optimizer
     decay, no_decay = [], []
@@ -71,37 +56,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe.schedule, recipe.optimizer.lr))
-
-
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: TrainConfig,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix (chosen at random when both are on) on the raw NHWC batch; soft targets.
-
-    Mixing happens before normalisation, which is affine, so it equals mixing normalised inputs.
-    """
-    targets = F.one_hot(labels, num_classes).float()
-    use_mixup = config.mixup_alpha > 0
-    use_cutmix = config.cutmix_alpha > 0
-    if not (use_mixup or use_cutmix) or rng.random() >= config.mix_prob:
-        return images, targets
-    if use_mixup and use_cutmix:
-        use_cutmix = bool(rng.random() < 0.5)
-    alpha = config.cutmix_alpha if use_cutmix else config.mixup_alpha
-    lam = float(rng.beta(alpha, alpha))
-    mixed = images.float()
-    rolled = mixed.roll(1, dims=0)
-    if use_cutmix:
-        height, width = images.shape[1:3]
-        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-        cy = int(rng.integers(height))
-        cx = int(rng.integers(width))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        mixed[:, y0:y1, x0:x1] = rolled[:, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
-    else:
-        mixed = lam * mixed + (1 - lam) * rolled
-    return mixed, lam * targets + (1 - lam) * targets.roll(1, dims=0)
 
 
 def _forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,

@@ -1,6 +1,6 @@
 """The run of one member that both backends share: resume, epochs, validation, logs, checkpoints, final.
 
-A backend's trainer subclasses ``MemberRun`` and supplies what differs (building the network,
+A backend's trainer subclasses ``MemberTraining`` and supplies what differs (building the network,
 restoring and writing checkpoints, one epoch of training, validation, the barrier between ranks);
 what a run folder gets (metrics.jsonl, TensorBoard scalars, a summary line per epoch, ``best`` as a
 link to ``last``, final.json) is decided here once, so torch and MindSpore run folders cannot drift.
@@ -9,18 +9,21 @@ link to ``last``, final.json) is decided here once, so torch and MindSpore run f
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train import peak_memory
-from train.checkpoint import CheckpointError, same_file_as, write_json, write_text
-from train.config import ConfigError, Recipe, dump_yaml
-from train.progress import EpochProgress
-from train.storage import DataError
+from subspectral.schemas import DatasetCard
+from subspectral.train import peak_memory
+from subspectral.train.config import ConfigError, Recipe, dump_yaml
+from subspectral.train.progress import EpochProgress
+from subspectral.train.run import CheckpointError, same_file_as, write_json, write_text
+from subspectral.train.storage import DataError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,14 @@ class EpochPlan:
                    world=world, progress=progress, label=label)
 
 
-def batches_per_epoch(card: dict[str, Any], batch: int, world: int) -> int:
+def batches_per_epoch(card: DatasetCard, batch: int, world: int) -> int:
     """Full global batches per epoch; refuses a batch that does not split over the ranks or exceeds the data."""
     if batch % world:
         raise ConfigError(f"data.batch_size={batch} does not divide over {world} processes")
-    batches = int(card["splits"]["train"]["samples"]) // batch
+    samples = card.splits["train"].samples
+    batches = samples // batch
     if batches == 0:
-        raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
-                          "training samples of a sub-dataset")
+        raise ConfigError(f"data.batch_size={batch} exceeds the {samples} training samples of a sub-dataset")
     return batches
 
 
@@ -97,13 +100,13 @@ class EpochLog:
         summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
         if "top1" in line:
             summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
-        print(f"[{self.prefix}] {summary}", file=sys.stderr)
+        _log.info(f"[{self.prefix}] {summary}")
 
     def close(self) -> None:
         self.writer.close()
 
 
-class MemberRun(ABC):
+class MemberTraining(ABC):
     """``run()`` for a backend's member trainer; the subclass sets the attributes and the hooks below."""
 
     run_dir: Path
@@ -156,7 +159,7 @@ class MemberRun(ABC):
 
     @abstractmethod
     def save_final_weights(self) -> None:
-        """The weights to evaluate (EMA weights when EMA is on), for ``load_member``."""
+        """The weights to evaluate (EMA weights when EMA is on), for the ensemble's member loaders."""
 
     @abstractmethod
     def final_fields(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Every model takes the samples exactly as stored in the shards, stacked: an integ
 N x H x W x 3 (uint8, or int16 DCT bands); ``InputNorm`` turns it into the normalised float
 NCHW tensor on whatever device the model is on. The NHWC -> NCHW permute of a contiguous batch is
 already channels_last in memory, so no copy is made. An evaluator rebuilds a member with
-``model_from_run(run_json)`` and loads its state_dict: the normalisation constants and the EBV
+``model_from_run(record.model, record.num_classes)`` and loads its state_dict: the normalisation constants and the EBV
 basis are buffers in it.
 """
 
@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.models as tvm
+from subspectral.schemas import ModelSpec
+from subspectral.train.config import STEMS
+from subspectral.train.ebv import EBVHead, generate_ebv
 from torch import nn
-
-from train.ebv import EBVHead, generate_ebv
 
 # Same names in every backend's registry (torch here; MindSpore later).
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -48,20 +49,6 @@ def _vgg_lowres(net: nn.Module) -> None:
     pools = [i for i, layer in enumerate(net.features) if isinstance(layer, nn.MaxPool2d)]
     for index in pools[:2]:
         net.features[index] = nn.Identity()
-
-
-# Largest sub-image side for which model.stem=auto picks the lowres stem (the source method's stem for
-# its 56 and 112 px members). With it a network ends on a side/8 grid, with the imagenet stem on side/32;
-# up to 112 px the lowres grid is the nearer to torchvision's 7x7 at 224 (14 against 3.5 at 112).
-AUTO_LOWRES_MAX_SIDE = 112
-STEMS = ("imagenet", "lowres")
-
-
-def resolve_stem(stem: str, side: int) -> str:
-    """``auto`` → ``lowres`` for sub-images up to AUTO_LOWRES_MAX_SIDE px, ``imagenet`` above; others unchanged."""
-    if stem == "auto":
-        return "lowres" if side <= AUTO_LOWRES_MAX_SIDE else "imagenet"
-    return stem
 
 
 def _resnet_fc(net: nn.Module) -> tuple[nn.Module, str]:
@@ -148,18 +135,13 @@ def ebv_basis_of(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def model_from_run(run: dict) -> SubNetwork:
-    """Rebuild a member from its run.json content, ready for ``load_state_dict``.
+def model_from_run(spec: ModelSpec, num_classes: int) -> SubNetwork:
+    """Rebuild a member from its run record (``record.model``, ``record.num_classes``), ready for ``load_state_dict``.
 
     The EBV basis is a placeholder of the right shape (its values come from the state_dict), so no
     basis is regenerated here.
     """
-    spec = run["model"]
-    num_classes = int(run["num_classes"])
-    placeholder = None
-    if spec["head"] == "ebv":
-        placeholder = torch.zeros(num_classes, int(spec["ebv_dim"]))
-    return create_model(spec["name"], num_classes, stem=spec["stem"], head=spec["head"],
-                        ebv_dim=spec.get("ebv_dim"), ebv_tau=float(spec.get("ebv_tau", 0.07)),
-                        ebv_basis=placeholder, input_scale=float(spec["input"]["scale"]),
-                        mean=spec["input"]["mean"], std=spec["input"]["std"])
+    placeholder = torch.zeros(num_classes, spec.ebv_dim) if spec.head == "ebv" else None
+    return create_model(spec.name, num_classes, stem=spec.stem, head=spec.head, ebv_dim=spec.ebv_dim,
+                        ebv_tau=spec.ebv_tau, ebv_basis=placeholder, input_scale=spec.input.scale,
+                        mean=spec.input.mean, std=spec.input.std)

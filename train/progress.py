@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import SupportsFloat
 
-import torch
+from subspectral.train import stopping
 from tqdm import tqdm
-
-from train import stopping
 
 _REFRESH_STEPS = 10  # reading the loss is a CPU-GPU sync point: do it every few steps only
 
@@ -22,7 +21,7 @@ class EpochProgress:
         self.images = 0
         self.steps = 0
 
-    def step(self, loss: torch.Tensor, lr: float, images: int) -> None:
+    def step(self, loss: SupportsFloat, lr: float, images: int) -> None:
         stopping.check()  # both backends call this after every optimizer step: a safe point to stop
         self.steps += 1
         self.images += images * self.world

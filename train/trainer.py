@@ -4,76 +4,52 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from subspectral.schemas import DatasetCard
+from subspectral.train import checkpoint as ckpt
+from subspectral.train.config import ConfigError, Recipe
+from subspectral.train.data import make_loader
+from subspectral.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from subspectral.train.ebv import generate_ebv
+from subspectral.train.engine import (
+    StepContext,
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    train_one_epoch,
+)
+from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
+from subspectral.train.models import SubNetwork, create_model
+from subspectral.train.portable import PORTABLE_FILE
+from subspectral.train.prepared import read_card, shard_uris
+from subspectral.train.progress import EpochProgress
+from subspectral.train.run import (
+    BASIS_FILE,
+    BackendRun,
+    MemberJob,
+    TrainOptions,
+    prepare_run_dir,
+    run_record,
+    select_members,
+)
+from subspectral.train.stream import EvalStream, TrainStream
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from train import checkpoint as ckpt
-from train.config import ConfigError, Recipe
-from train.data import EvalStream, TrainStream, make_loader, read_card, sample_shape, shard_uris
-from train.distributed import DistInfo, barrier
-from train.ebv import generate_ebv
-from train.engine import StepContext, autocast_dtype, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch
-from train.models import SubNetwork, create_model, resolve_stem
-from train.progress import EpochProgress
-
 _EVAL_BATCH = 512
-
-
-@dataclass(frozen=True)
-class MemberJob:
-    data: str
-    shard: int
-    out: Path
-    resume: bool
-    device: torch.device
-    progress: bool
 
 
 @functools.lru_cache(maxsize=2)
 def _basis(num_classes: int, dim: int, threshold: float, seed: int, steps: int, device: str) -> torch.Tensor:
     # Members trained one after another in one process share the (deterministic) basis.
     return generate_ebv(num_classes, dim, threshold=threshold, seed=seed, max_steps=steps, device=device)[0]
-
-
-def input_constants(card: dict, shard: int, recipe: Recipe) -> dict[str, Any]:
-    """Scale, mean and std that map stored sample values to network input (see docs/training.md)."""
-    mean = list(recipe.data.mean)
-    if card["transform"] == "dct":
-        # Band values are round(coef * dct_scale) with |coef| <= 255 * grid (band 0: r x block mean),
-        # so this scale maps band 0 into [0, 1]; the other bands are centred on 0 and get no mean.
-        grid = int(card.get("grid", round(int(card["split"]) ** 0.5)))
-        scale = 1.0 / (255.0 * grid * float(card["dct_scale"]))
-        if shard != 0:
-            mean = [0.0] * len(mean)
-    else:
-        scale = 1.0 / 255.0
-    return {"scale": scale, "mean": mean, "std": list(recipe.data.std)}
-
-
-def run_meta(job: MemberJob, card: dict, recipe: Recipe) -> dict[str, Any]:
-    """run.json: everything an evaluator needs to rebuild and feed this member."""
-    model = recipe.model
-    size = int(card.get("size", 56))
-    return {
-        "backend": "torch", "shard": job.shard, "data": job.data, "recipe": recipe.name,
-        "class_table_sha256": card["class_table_sha256"], "num_classes": int(card["num_classes"]),
-        "split": int(card["split"]), "size": size, "transform": card["transform"],
-        "format": card["format"], "dct_scale": card.get("dct_scale"),
-        # run.json records the stem the network was built with, never "auto"
-        "model": {"name": model.name, "stem": resolve_stem(model.stem, size), "head": model.head,
-                  "ebv_dim": (model.ebv_dim or int(card["num_classes"])) if model.head == "ebv" else None,
-                  "ebv_tau": model.ebv_tau, "ebv_seed": model.ebv_seed, "ebv_threshold": model.ebv_threshold,
-                  "input": input_constants(card, job.shard, recipe)},
-    }
 
 
 def build_member_model(meta: dict[str, Any], recipe: Recipe, device: torch.device,
@@ -95,9 +71,9 @@ def build_member_model(meta: dict[str, Any], recipe: Recipe, device: torch.devic
         raise ConfigError(str(exc)) from exc
 
 
-def _check_input_size(model: nn.Module, card: dict) -> None:
-    shape, dtype = sample_shape(card)
-    probe = torch.zeros((2, *shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+def _check_input_size(model: nn.Module, card: DatasetCard) -> None:
+    shape = card.sample_shape
+    probe = torch.zeros((2, *shape), dtype=torch.from_numpy(np.empty(0, card.dtype)).dtype)
     model.eval()
     try:
         with torch.no_grad():
@@ -118,31 +94,18 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _prepare_run_dir(job: MemberJob, run_dir: Path) -> str:
-    """'fresh', 'resume' or 'done'; refuses to overwrite a run unless resuming."""
-    if (run_dir / "final.json").exists():
-        if job.resume:
-            return "done"
-        raise ConfigError(f"{run_dir} already holds a finished member; use another --out or delete it")
-    if (run_dir / "last.pt").exists():
-        if not job.resume:
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or change --out")
-        return "resume"
-    return "fresh"
-
-
-class MemberTrainer(MemberRun):
+class MemberTrainer(MemberTraining):
     """Everything one member's training holds: model, optimizer, loaders, run folder."""
 
-    def __init__(self, job: MemberJob, recipe: Recipe, dist: DistInfo) -> None:
-        self.job, self.recipe, self.dist = job, recipe, dist
+    def __init__(self, job: MemberJob, recipe: Recipe, dist: DistInfo, device: torch.device) -> None:
+        self.job, self.recipe, self.dist, self.device = job, recipe, dist, device
         card = read_card(job.data)
         self.card = card
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
         self.val_uris = shard_uris(job.data, card, job.shard, "val")
-        self.run_dir = job.out / card["sub_datasets"][job.shard]
-        self.state = _prepare_run_dir(job, self.run_dir)
-        self.meta = run_meta(job, card, recipe)
+        self.run_dir = job.out / card.sub_datasets[job.shard]
+        self.state = prepare_run_dir(self.run_dir, job.resume, "torch")
+        self.meta = run_record(job, card, recipe, "torch").to_json()
         batch = recipe.data.batch_size
         self.batches_per_epoch = batches_per_epoch(card, batch, dist.world)
         if (batch // dist.world) % recipe.train.accumulate_steps:
@@ -153,14 +116,14 @@ class MemberTrainer(MemberRun):
             self.resume_from = ckpt.load_checkpoint(self.run_dir / "last.pt", self.meta)
 
     def build(self) -> None:
-        recipe, job, train_cfg = self.recipe, self.job, self.recipe.train
+        recipe, train_cfg = self.recipe, self.recipe.train
         _seed_everything(train_cfg.seed, train_cfg.deterministic)
-        basis_file = self.run_dir / ckpt.BASIS_FILE
-        model = build_member_model(self.meta, recipe, job.device,
+        basis_file = self.run_dir / BASIS_FILE
+        model = build_member_model(self.meta, recipe, self.device,
                                    basis_file if self.state == "resume" and basis_file.exists() else None)
         _check_input_size(model, self.card)
-        model.to(job.device)
-        on_cuda = job.device.type == "cuda"
+        model.to(self.device)
+        on_cuda = self.device.type == "cuda"
         if on_cuda and train_cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
@@ -170,12 +133,12 @@ class MemberTrainer(MemberRun):
                                      use_buffers=True)
         self.optimizer = build_optimizer(model, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, self.batches_per_epoch)
-        amp_dtype = autocast_dtype(train_cfg, job.device)
-        self.scaler = torch.amp.GradScaler(job.device.type, enabled=amp_dtype == torch.float16)
-        self.ctx = StepContext(job.device, amp_dtype, int(self.card["num_classes"]), train_cfg)
+        amp_dtype = autocast_dtype(train_cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.ctx = StepContext(self.device, amp_dtype, self.card.num_classes, train_cfg)
         trained = model
         if self.dist.enabled:
-            trained = DistributedDataParallel(model, device_ids=[job.device.index] if on_cuda else None)
+            trained = DistributedDataParallel(model, device_ids=[self.device.index] if on_cuda else None)
         # self.model stays the plain module: checkpoints never carry torch.compile's "_orig_mod." prefix.
         self.train_model = torch.compile(trained, backend=train_cfg.compile_backend) if train_cfg.compile else trained
         world, rank = self.dist.world, self.dist.rank
@@ -218,7 +181,7 @@ class MemberTrainer(MemberRun):
         return self.ema.module if self.ema is not None else self.model
 
     def validate(self) -> dict[str, Any]:
-        pin = self.job.device.type == "cuda"
+        pin = self.device.type == "cuda"
         loader = make_loader(self.val_stream, self.recipe.data.workers, pin)
         return evaluate(self._eval_model(), loader, self.ctx)
 
@@ -228,7 +191,7 @@ class MemberTrainer(MemberRun):
         torch.manual_seed(train_cfg.seed * 100_003 + epoch)
         mix_rng = np.random.default_rng([train_cfg.seed, epoch, self.dist.rank])
         self.train_stream.set_epoch(epoch)
-        loader = make_loader(self.train_stream, self.recipe.data.workers, self.job.device.type == "cuda")
+        loader = make_loader(self.train_stream, self.recipe.data.workers, self.device.type == "cuda")
         after_step = (functools.partial(self.ema.update_parameters, self.model)
                       if self.ema is not None else _nothing)
         stats = train_one_epoch(self.train_model, loader, self.optimizer, self.scheduler, self.scaler,
@@ -248,7 +211,9 @@ class MemberTrainer(MemberRun):
                             main=self.dist.is_main, world=self.dist.world, progress=self.job.progress)
 
     def save_final_weights(self) -> None:
-        ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        model = self._eval_model()
+        ckpt.save_torch({"model": model.state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, model, self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         weights = list(self._eval_model().parameters())
@@ -260,6 +225,24 @@ def _nothing() -> None:
     return None
 
 
-def train_member(job: MemberJob, recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
+def train_members(options: TrainOptions, recipe: Recipe, members: str) -> BackendRun:
+    """``--backend torch``: the members ``members`` (as --shard gives them) one after another in this process."""
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    use_cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+    _, shards = select_members(options.data, members)
+    dist = init_distributed("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
+    done = BackendRun(main=dist.is_main)
+    try:
+        for shard in shards:
+            job = MemberJob(options.data, shard, options.out, options.resume, options.progress)
+            done.results[shard] = train_member(job, recipe, dist, device)
+    finally:
+        shutdown()
+    return done
+
+
+def train_member(job: MemberJob, recipe: Recipe, dist: DistInfo, device: torch.device) -> dict[str, Any]:
     """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
-    return MemberTrainer.checked_run(job, recipe, dist)
+    return MemberTrainer.checked_run(job, recipe, dist, device)

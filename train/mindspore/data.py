@@ -1,6 +1,6 @@
 """``mindspore.dataset.GeneratorDataset`` over one sub-dataset's WebDataset shards (MindSpore has no tar reader).
 
-The partition, shuffling and augmentation are the torch backend's own (``train.data``): training
+The partition, shuffling and augmentation are those of ``train.stream``, which the torch backend uses too: training
 batches come from ``TrainStream``'s slots (one per rank and worker), evaluation batches from
 ``EvalStream``. Parallel workers: GeneratorDataset hands index i of a random-accessible source to
 worker ``i % W`` in order (``SamplerFn``), and torch's DataLoader takes batch i from worker ``i % W``
@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-
-from train.config import DataConfig
-from train.data import EvalStream, TrainStream
+from subspectral.schemas import DatasetCard
+from subspectral.train.config import DataConfig
+from subspectral.train.stream import EvalStream, TrainStream
 
 TRAIN_COLUMNS = ["images", "labels", "skipped"]
 EVAL_COLUMNS = ["images", "labels", "count", "skipped"]
@@ -65,13 +65,13 @@ class PaddedEval:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         size = self.stream.batch_size
-        for batch in self.stream:
-            images, labels = batch["images"].numpy(), batch["labels"].numpy().astype(np.int32)
+        for images, labels, skipped in self.stream.pipeline(0, 1):
+            labels = labels.astype(np.int32)
             count = len(labels)
             if count < size:
                 images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]), images.dtype)])
                 labels = np.concatenate([labels, np.zeros(size - count, np.int32)])
-            yield images, labels, np.int32(count), np.int32(int(batch["skipped"]))
+            yield images, labels, np.int32(count), np.int32(skipped)
 
 
 def eval_dataset(stream: EvalStream):
@@ -81,7 +81,7 @@ def eval_dataset(stream: EvalStream):
     return ds.GeneratorDataset(PaddedEval(stream), column_names=EVAL_COLUMNS, shuffle=False)
 
 
-def slot_stream(uris: list[str], card: dict, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
+def slot_stream(uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
                 rank: int, world: int, seed: int) -> TrainStream:
     return TrainStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
                       rank=rank, world=world, seed=seed)

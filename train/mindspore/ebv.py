@@ -15,7 +15,7 @@ import numpy as np
 
 @functools.lru_cache(maxsize=2)
 def generate_basis(num_classes: int, dim: int, threshold: float, seed: int, steps: int) -> np.ndarray:
-    from train.ebv import generate_ebv
+    from subspectral.train.ebv import generate_ebv
 
     basis = generate_ebv(num_classes, dim, threshold=threshold, seed=seed, max_steps=steps, device="cpu")[0]
     array = basis.numpy().astype(np.float32, copy=True)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from train.checkpoint import CheckpointError
-from train.members import MemberError, MemberRun
+from subspectral.schemas import ContractError, RunRecord
+from subspectral.train.ensemble.members import FinishedRun, MemberError
+from subspectral.train.run import CheckpointError
 
 
 class MindSporeMember:
@@ -36,21 +36,20 @@ class MindSporeMember:
         return torch.from_numpy(logits.astype(np.float32)).to(self.device)
 
 
-def load_mindspore_member(run: MemberRun, device: torch.device) -> MindSporeMember:
-    from train.mindspore import MindSporeMissing, require_mindspore
+def load_mindspore_member(run: FinishedRun, device: torch.device) -> MindSporeMember:
+    from subspectral.train.mindspore import MindSporeMissing, require_mindspore
 
     try:
         require_mindspore()
     except MindSporeMissing as error:
         raise MemberError(f"{run.path}: {error}") from error
-    from train.mindspore.runtime import prepare_environment
+    from subspectral.train.mindspore.runtime import prepare_environment
 
     target = os.environ.get("SUBSPECTRAL_MS_DEVICE_TARGET", "CPU")
     prepare_environment(target)
     import mindspore as ms
-
-    from train.mindspore.checkpoint import load_into, read_ckpt, verify_basis
-    from train.mindspore.models import ebv_basis_of, model_from_run
+    from subspectral.train.mindspore.checkpoint import load_into, read_ckpt, verify_basis
+    from subspectral.train.mindspore.models import ebv_basis_of, model_from_run
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
@@ -62,10 +61,11 @@ def load_mindspore_member(run: MemberRun, device: torch.device) -> MindSporeMemb
     path = run.path / "final.ckpt"
     try:
         params, meta = read_ckpt(path)
-        network = model_from_run(meta)
+        record = RunRecord.from_json(meta, f"{path}'s run record")
+        network = model_from_run(record.model, record.num_classes)
         load_into(network, params, path)
         verify_basis(run.path, ebv_basis_of(network))
-    except CheckpointError as error:
+    except (CheckpointError, ContractError) as error:
         raise MemberError(str(error)) from error
     network.set_train(False)
     return MindSporeMember(run.shard, meta, network, device)

@@ -1,6 +1,6 @@
 """Loss, optimizer, per-step learning rate, AMP level, loss scaling and the compiled train/eval steps.
 
-The learning rate of every step comes from the torch backend's ``train.engine.lr_factor`` (same
+The learning rate of every step comes from the torch backends' ``train.schedule.lr_factor`` (same
 warmup and schedule), handed to the optimizer as a per-step list indexed by its ``global_step``
 (saved in the checkpoint, so a resumed run continues the schedule). SGD is ``nn.Momentum``
 (coupled L2 weight decay and buffer update as in ``torch.optim.SGD``); AdamW is
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
-
-from train.config import ConfigError, Recipe, TrainConfig
-from train.engine import lr_factor
+from subspectral.train.config import ConfigError, Recipe, TrainConfig
+from subspectral.train.schedule import lr_factor
 
 # torch.amp.GradScaler's defaults: start at 2**16, double after 2000 clean steps, halve on overflow.
 LOSS_SCALE_START, LOSS_SCALE_FACTOR, LOSS_SCALE_WINDOW = 2.0**16, 2, 2000

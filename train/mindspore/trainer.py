@@ -9,7 +9,6 @@ final.json (written last). Everything random in an epoch derives from (seed, epo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +16,32 @@ import mindspore as ms
 import numpy as np
 import torch
 from mindspore import Tensor
-
-from train import checkpoint as torch_ckpt
-from train.config import ConfigError, Recipe
-from train.data import EvalStream, read_card, shard_uris
-from train.engine import lr_factor, mix_batch
-from train.epochs import EpochPlan, MemberRun, batches_per_epoch
-from train.mindspore import checkpoint as ckpt
-from train.mindspore.data import eval_dataset, slot_stream, train_dataset
-from train.mindspore.ebv import generate_basis
-from train.mindspore.models import count_parameters, create_model, ebv_basis_of
-from train.mindspore.runtime import Runtime
-from train.mindspore.step import EvalStep, SoftTargetLoss, TrainStep, apply_precision, build_optimizer, precision_for
-from train.progress import EpochProgress
-from train.trainer import run_meta
+from subspectral.schemas import DatasetCard
+from subspectral.train.config import ConfigError, Recipe
+from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
+from subspectral.train.mindspore import checkpoint as ckpt
+from subspectral.train.mindspore.data import eval_dataset, slot_stream, train_dataset
+from subspectral.train.mindspore.ebv import generate_basis
+from subspectral.train.mindspore.models import count_parameters, create_model, ebv_basis_of, ebv_heads
+from subspectral.train.mindspore.runtime import Runtime
+from subspectral.train.mindspore.step import (
+    EvalStep,
+    SoftTargetLoss,
+    TrainStep,
+    apply_precision,
+    build_optimizer,
+    precision_for,
+)
+from subspectral.train.mixing import mix_batch
+from subspectral.train.portable import PORTABLE_FILE
+from subspectral.train.prepared import read_card, shard_uris
+from subspectral.train.progress import EpochProgress
+from subspectral.train.run import BASIS_FILE, MemberJob, prepare_run_dir, run_record
+from subspectral.train.schedule import lr_factor
+from subspectral.train.stream import EvalStream
 
 _EVAL_BATCH = 512
 _UNSUPPORTED = {"ema_decay": "train.ema_decay > 0 (EMA weights)"}
-
-
-@dataclass(frozen=True)
-class MindSporeJob:
-    data: str
-    shard: int
-    out: Path
-    resume: bool
-    progress: bool
-
-
-def _prepare_run_dir(job: MindSporeJob, run_dir: Path) -> str:
-    """'fresh', 'resume' or 'done'; refuses to overwrite a run unless resuming (as the torch trainer)."""
-    if (run_dir / "final.json").exists():
-        if job.resume:
-            return "done"
-        raise ConfigError(f"{run_dir} already holds a finished member; use another --out or delete it")
-    if (run_dir / "last.ckpt").exists() or (run_dir / "last.pt").exists():
-        if not job.resume:
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or change --out")
-        if not (run_dir / "last.ckpt").exists():
-            raise ConfigError(f"{run_dir} holds a torch run (last.pt); resume it with --backend torch")
-        return "resume"
-    return "fresh"
 
 
 def _check_supported(recipe: Recipe) -> None:
@@ -66,12 +50,11 @@ def _check_supported(recipe: Recipe) -> None:
                           "set train.ema_decay=0")
 
 
-def mindspore_meta(job: MindSporeJob, card: dict, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
-    meta = run_meta(job, card, recipe)  # the torch backend's run.json fields, so evaluators read both alike
-    meta["backend"] = "mindspore"
-    meta["mindspore"] = {"version": ms.__version__, "device_target": runtime.device_target, "mode": runtime.mode,
-                         "amp_level": precision_for(recipe.train, runtime.device_target).amp_level}
-    return meta
+def mindspore_meta(job: MemberJob, card: DatasetCard, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+    """run.json: every backend's record (so evaluators read both alike) plus MindSpore's own details."""
+    details = {"version": ms.__version__, "device_target": runtime.device_target, "mode": runtime.mode,
+               "amp_level": precision_for(recipe.train, runtime.device_target).amp_level}
+    return run_record(job, card, recipe, "mindspore", mindspore=details).to_json()
 
 
 class SumAcrossRanks(ms.nn.Cell):
@@ -86,16 +69,16 @@ class SumAcrossRanks(ms.nn.Cell):
         return self.all_reduce(values)
 
 
-class MindSporeTrainer(MemberRun):
-    def __init__(self, job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> None:
+class MindSporeTrainer(MemberTraining):
+    def __init__(self, job: MemberJob, recipe: Recipe, runtime: Runtime) -> None:
         _check_supported(recipe)
         self._summer: SumAcrossRanks | None = None
         self.job, self.recipe, self.runtime = job, recipe, runtime
         self.card = card = read_card(job.data)
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
         self.val_uris = shard_uris(job.data, card, job.shard, "val")
-        self.run_dir = job.out / card["sub_datasets"][job.shard]
-        self.state = _prepare_run_dir(job, self.run_dir)
+        self.run_dir = job.out / card.sub_datasets[job.shard]
+        self.state = prepare_run_dir(self.run_dir, job.resume, "mindspore")
         self.meta = mindspore_meta(job, card, recipe, runtime)
         self.batches_per_epoch = batches_per_epoch(card, recipe.data.batch_size, runtime.world)
         self.resume_from = None
@@ -106,7 +89,7 @@ class MindSporeTrainer(MemberRun):
         spec = self.meta["model"]
         if spec["head"] != "ebv":
             return None
-        if self.state == "resume" and (self.run_dir / torch_ckpt.BASIS_FILE).exists():
+        if self.state == "resume" and (self.run_dir / BASIS_FILE).exists():
             return ckpt.load_basis(self.run_dir)
         return generate_basis(self.meta["num_classes"], spec["ebv_dim"], spec["ebv_threshold"], spec["ebv_seed"],
                               self.recipe.model.ebv_steps)
@@ -171,7 +154,7 @@ class MindSporeTrainer(MemberRun):
             skipped += int(batch_skipped)
             steps += 1
             step = epoch * self.batches_per_epoch + steps
-            bar.step(torch.tensor(loss_value), self._lr(step), len(labels))
+            bar.step(loss_value, self._lr(step), len(labels))
         seconds = time.perf_counter() - start
         loss_total, seen_total, skipped_total = self._all_reduce([loss_sum, seen, skipped])
         return {"lr": self._lr((epoch + 1) * self.batches_per_epoch),
@@ -211,6 +194,7 @@ class MindSporeTrainer(MemberRun):
 
     def save_final_weights(self) -> None:
         ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, self.model.net, ebv_heads(self.model.net), self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         weights = self.model.trainable_params()
@@ -219,6 +203,6 @@ class MindSporeTrainer(MemberRun):
                                            for p in weights))}
 
 
-def train_member(job: MindSporeJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+def train_member(job: MemberJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
     """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
     return MindSporeTrainer.checked_run(job, recipe, runtime)

@@ -5,6 +5,7 @@
     python cli.py train --data DATA --shard 7 --config imagenet21k-sub36 --out runs optimizer.lr=0.01
     torchrun --nproc-per-node 8 cli.py train --data s3://bucket/in21k-sub36 --shard 7 --config \\
         imagenet21k-sub36 --out runs --device cuda                                    # DDP, one member
+    srun --ntasks-per-node 8 python cli.py train --data DATA --shard 7 ...           # DDP under Slurm, no torchrun
     python cli.py train --list-recipes
 
 Member k's run lives in OUT/sub-KK/ (see docs/training.md). --resume continues a killed run
@@ -14,7 +15,15 @@ exactly; a finished member (final.json present) is skipped, so a batch array can
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from subspectral.train.config import Recipe
+    from subspectral.train.run import BackendRun, TrainOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,22 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override recipe keys, e.g. optimizer.lr=0.05 data.workers=2")
 
 
-def parse_shards(text: str, count: int) -> list[int]:
-    """'all', 'K', '0,3,5' or '0-8' -> member indices; ValueError with a clear message otherwise."""
-    if text == "all":
-        return list(range(count))
-    shards: list[int] = []
-    for item in text.split(","):
-        low, sep, high = item.partition("-")
-        try:
-            shards.extend(range(int(low), int(high) + 1) if sep else [int(low)])
-        except ValueError as exc:
-            raise ValueError(f"--shard {text!r}: expected K, K,L,M, K-L or all") from exc
-    for shard in shards:
-        if not 0 <= shard < count:
-            raise ValueError(f"shard {shard} is out of range: this dataset has {count} sub-datasets "
-                             f"(0..{count - 1})")
-    return shards
+# --backend NAME -> "module:function" of its ``train_members(options, recipe, members) -> BackendRun``
+# (``members`` as --shard gives it),
+# imported only when chosen (MindSpore is an optional dependency).
+BACKENDS: dict[str, str] = {
+    "torch": "subspectral.train.trainer:train_members",
+    "mindspore": "subspectral.train.mindspore:train_members",
+}
+
+
+def backend(name: str) -> Callable[[TrainOptions, Recipe, str], BackendRun]:
+    module, _, function = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _fail(message: str) -> int:
@@ -63,7 +68,9 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, apply_overrides, list_recipes, load_recipe
+    from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe
+    from subspectral.train.run import CheckpointError
+    from subspectral.train.storage import DataError
 
     if args.list_recipes:
         for name, description in list_recipes().items():
@@ -71,55 +78,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         return _fail("--data is required")
+    from subspectral.train.run import TrainOptions
+
+    options = TrainOptions(data=args.data, out=Path(args.out), resume=args.resume, progress=not args.no_progress,
+                           device=args.device, device_target=args.device_target, mode=args.mode)
     try:
         recipe = apply_overrides(load_recipe(args.config), args.overrides)
         if args.epochs is not None:
             apply_overrides(recipe, [f"schedule.epochs={args.epochs}"])
-    except ConfigError as exc:
+        train_members = backend(args.backend)
+        done = train_members(options, recipe, args.shard)
+    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
-    if args.backend == "mindspore":
-        from train.mindspore.cli import train_members
-
-        return train_members(args, recipe)
-    return _train(args, recipe)
-
-
-def _train(args: argparse.Namespace, recipe) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.data import read_card
-    from train.distributed import init_distributed, shutdown
-    from train.storage import DataError
-    from train.trainer import MemberJob, train_member
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda: no CUDA device is available")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device_type = "cuda" if use_cuda else "cpu"
-    try:
-        card = read_card(args.data)
-        shards = parse_shards(args.shard, int(card["split"]))
-    except (DataError, ValueError) as exc:
-        return _fail(str(exc))
-    except OSError as exc:  # the store cannot be reached or read: endpoint, network, credentials, permissions
-        return _fail(f"cannot read {args.data}: {' '.join(str(exc).split())}")
-    dist = init_distributed(device_type)
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
-    results = {}
-    try:
-        for shard in shards:
-            job = MemberJob(args.data, shard, Path(args.out), args.resume, device, not args.no_progress)
-            results[shard] = train_member(job, recipe, dist)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        return _fail(str(exc))
-    finally:
-        shutdown()
-    if dist.is_main:
-        for shard, final in results.items():
+    if done.main:
+        for shard, final in done.results.items():
             print(f"sub-{shard:02d}: top1 {final['top1']:.2f}%  top5 {final['top5']:.2f}%  "
-                  f"({final['val_samples']} val samples, {final['epochs']} epochs)")
+                  f"({final['val_samples']} val samples, {final['epochs']} epochs{done.label})")
     return 0

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help stays instant
     import numpy as np
     import torch
-
-    from train.distributed import DistInfo
-    from train.ensemble import Hits, Tally
-    from train.lockstep import Lockstep, Stream
-    from train.members import Member, MemberRun
-    from train.report import PredictionWriter
+    from subspectral.schemas import DatasetCard
+    from subspectral.train.distributed import DistInfo
+    from subspectral.train.ensemble.fusion import Hits, Tally
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.members import FinishedRun, Member
+    from subspectral.train.ensemble.report import PredictionWriter
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
@@ -72,7 +72,7 @@ class Baseline:
 
 
 def parse_members(text: str | None, split: int) -> list[int]:
-    from train.members import MemberError
+    from subspectral.train.ensemble.members import MemberError
 
     if text is None:
         return list(range(split))
@@ -88,8 +88,7 @@ def parse_members(text: str | None, split: int) -> list[int]:
 
 def resolve_device(name: str | None) -> torch.device:
     import torch
-
-    from train.members import MemberError
+    from subspectral.train.ensemble.members import MemberError
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,27 +101,25 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torch.device) -> Baseline:
+def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.device) -> Baseline:
     """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
-    from train.data import read_card, sample_shape, shard_uris
-    from train.lockstep import Stream
-    from train.members import MemberError, check_compatible, load_member, read_run
-    from train.report import member_cost
+    from subspectral.train.ensemble.lockstep import Stream
+    from subspectral.train.ensemble.members import MemberError, check_compatible, load_member, read_run
+    from subspectral.train.ensemble.report import member_cost
+    from subspectral.train.prepared import read_card, read_shard_table, shard_digests, shard_uris
+    from subspectral.train.storage import absolute_uri
 
     run = read_run(path)
-    data = str(run.run.get("data", ""))
-    if not data:
-        raise MemberError(f"{path}/run.json does not name its dataset ('data')")
+    data = run.record.data  # recorded as an absolute path or a URI: valid from any directory
     baseline_card = read_card(data)
-    if int(baseline_card["split"]) != 1:
-        split = baseline_card["split"]
-        raise MemberError(f"--baseline {path} was trained on {data} with split {split}, not 1")
-    if baseline_card["class_table_sha256"] != card["class_table_sha256"]:
+    if baseline_card.split != 1:
+        raise MemberError(f"--baseline {path} was trained on {data} with split {baseline_card.split}, not 1")
+    if baseline_card.class_table_sha256 != card.class_table_sha256:
         raise MemberError(f"--baseline {path}: {data} has another class table than the ensemble's data")
     check_compatible(run, baseline_card, data)
-    shape, dtype = sample_shape(baseline_card)
-    stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), shape, dtype)
-    info = {"path": str(path), "data": data, "ten_crop": ten_crop,
+    stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), baseline_card.sample_shape,
+                    baseline_card.dtype, shard_digests(data, baseline_card, read_shard_table(data), 0, "val"))
+    info = {"path": absolute_uri(str(path)), "data": data, "ten_crop": ten_crop,
             "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1,
             **member_cost(run.final)}
     return Baseline(load_member(run, device), stream, ten_crop, info)
@@ -131,8 +128,7 @@ def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torc
 def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
     """Logits per view of ``baseline.views``."""
     import torch
-
-    from train.ensemble import ten_crop
+    from subspectral.train.ensemble.fusion import ten_crop
 
     one_crop = baseline.member.predict(images)
     if not baseline.ten_crop:
@@ -150,8 +146,7 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
     Hits per view (empty without a baseline). ``progress`` is a tqdm bar.
     """
     import torch
-
-    from train.ensemble import Hits, tally_batch, top_k_classes
+    from subspectral.train.ensemble.fusion import Hits, tally_batch, top_k_classes
 
     baseline_hits = {view: Hits() for view in baseline.views} if baseline is not None else {}
     for batch in lockstep:
@@ -169,16 +164,16 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
 
 
 def select_runs(
-    args: argparse.Namespace, card: dict[str, Any], announce: bool = True
-) -> tuple[list[MemberRun], list[int]]:
+    args: argparse.Namespace, card: DatasetCard, announce: bool = True
+) -> tuple[list[FinishedRun], list[int]]:
     """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
-    from train.ensemble import rank_members
-    from train.members import MemberError, check_compatible, discover_runs
+    from subspectral.train.ensemble.fusion import rank_members
+    from subspectral.train.ensemble.members import MemberError, check_compatible, discover_runs
 
     if not args.runs.is_dir():
         raise MemberError(f"--runs {args.runs}: no such folder")
-    folders = card["sub_datasets"]
-    runs, missing = discover_runs(args.runs, folders, parse_members(args.members, int(card["split"])))
+    folders = card.sub_datasets
+    runs, missing = discover_runs(args.runs, folders, parse_members(args.members, card.split))
     if missing:
         listed = ", ".join(folders[k] for k in missing)
         if args.require_all:
@@ -196,7 +191,7 @@ def reduce_over_workers(
     tally: Tally, lockstep: Lockstep, baseline_hits: dict[str, Hits], device: torch.device
 ) -> None:
     """Sum every counter over the torchrun workers (exact: integers in float64), in place."""
-    from train.distributed import all_reduce_sum
+    from subspectral.train.distributed import all_reduce_sum
 
     extra = [lockstep.skipped] + [count for hits in baseline_hits.values() for count in (hits.top1, hits.topk)]
     counts = tally.counts()
@@ -207,7 +202,7 @@ def reduce_over_workers(
         hits.top1, hits.topk = summed[len(counts) + 1 + 2 * index : len(counts) + 3 + 2 * index]
 
 
-def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.device, workers: DistInfo) -> int:
+def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo) -> int:
     """One worker's part of the evaluation; the main worker merges and writes the report.
 
     With torchrun, worker r evaluates val shards r, r+W, r+2W, … of every stream and writes its
@@ -215,14 +210,11 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
     so the result equals a single-process run.
     """
     import torch
-    from tqdm import tqdm
-
-    from train.data import sample_shape, shard_uris
-    from train.distributed import barrier
-    from train.ensemble import METHODS, Tally
-    from train.lockstep import Lockstep, Stream
-    from train.members import load_member
-    from train.report import (
+    from subspectral.train.distributed import barrier
+    from subspectral.train.ensemble.fusion import METHODS, Tally
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.members import load_member
+    from subspectral.train.ensemble.report import (
         PredictionWriter,
         build_report,
         member_cost,
@@ -230,28 +222,32 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         render_markdown,
         write_reports,
     )
-    from train.storage import DataError
+    from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
+    from subspectral.train.storage import DataError, absolute_uri
+    from tqdm import tqdm
 
     started = time.perf_counter()
-    folders = card["sub_datasets"]
+    data = absolute_uri(args.data)
+    folders = card.sub_datasets
     runs, missing = select_runs(args, card, announce=workers.is_main)
     members = [load_member(run, device) for run in runs]
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
-    shape, dtype = sample_shape(card)
+    shard_table = read_shard_table(data)
     streams = [
-        Stream(folders[r.shard], shard_uris(args.data, card, r.shard, "val"), shape, dtype) for r in runs
+        Stream(folders[r.shard], shard_uris(data, card, r.shard, "val"), card.sample_shape, card.dtype,
+               shard_digests(data, card, shard_table, r.shard, "val"))
+        for r in runs
     ] + ([baseline.stream] if baseline else [])
-    mine = [Stream(s.name, s.shards[workers.rank :: workers.world], s.shape, s.dtype) for s in streams]
-    lockstep = Lockstep(mine, args.batch_size)
+    lockstep = Lockstep([s.part(workers.rank, workers.world) for s in streams], args.batch_size)
 
     methods = METHODS if args.method == "all" else (args.method,)
-    tally = Tally(num_members=len(members), methods=methods, p=args.p, k=min(5, int(card["num_classes"])))
+    tally = Tally(num_members=len(members), methods=methods, p=args.p, k=min(5, card.num_classes))
     out = args.out or args.runs / "ensemble"
     out.mkdir(parents=True, exist_ok=True)
     part = out / (f"predictions.part{workers.rank:03d}.parquet" if workers.enabled else "predictions.part")
     writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline.views if baseline else (),
                               shard_of=lambda local: workers.rank + workers.world * local)
-    total = int(card["splits"]["val"]["samples"])
+    total = card.splits["val"].samples
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
     try:
         with progress, torch.inference_mode():
@@ -267,7 +263,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         if not workers.is_main:
             return 0
     if tally.samples == 0:
-        raise DataError(f"{args.data}: no readable val sample ({lockstep.skipped} skipped)")
+        raise DataError(f"{data}: no readable val sample ({lockstep.skipped} skipped)")
     if workers.enabled:
         merge_prediction_parts([out / f"predictions.part{r:03d}.parquet" for r in range(workers.world)],
                                out / "predictions.parquet")
@@ -276,9 +272,14 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
 
     seconds = time.perf_counter() - started
     context = {
-        "data": args.data,
-        "runs": str(args.runs),
-        **{f: card[f] for f in ("split", "num_classes", "transform", "format", "class_table_sha256")},
+        "data": data,
+        "runs": absolute_uri(str(args.runs)),
+        "card_sha256": card.sha256,
+        "split": card.split,
+        "num_classes": card.num_classes,
+        "transform": card.transform,
+        "format": card.format,
+        "class_table_sha256": card.class_table_sha256,
         "p": args.p,
         "missing": [folders[k] for k in missing],
         "skipped": lockstep.skipped,
@@ -287,7 +288,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         "seconds": round(seconds, 3),
     }
     member_info = [
-        {"shard": r.shard, "folder": folders[r.shard], "path": str(r.path), "backend": r.backend,
+        {"shard": r.shard, "folder": folders[r.shard], "path": absolute_uri(str(r.path)), "backend": r.backend,
          "val_top1_own": r.val_top1, **member_cost(r.final)}
         for r in runs
     ]
@@ -304,14 +305,13 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
 def _start(args: argparse.Namespace) -> int:
     """Checks that need no member, then the device and (under torchrun) the process group."""
     import torch
-
-    from train.data import read_card
-    from train.distributed import init_distributed, shutdown
-    from train.members import MemberError
-    from train.storage import DataError
+    from subspectral.train.distributed import init_distributed, shutdown
+    from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.prepared import read_card
+    from subspectral.train.storage import DataError
 
     card = read_card(args.data)
-    if not card["splits"].get("val", {}).get("samples"):
+    if not card.splits["val"].samples:
         raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
@@ -330,9 +330,9 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.lockstep import MisalignedError
-    from train.members import MemberError
-    from train.storage import DataError
+    from subspectral.train.ensemble.lockstep import MisalignedError
+    from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.storage import DataError
 
     try:
         return _start(args)

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from train.ensemble import Hits, Tally
+from subspectral.train.ensemble.fusion import Hits, Tally
 
 
 def column_name(method: str) -> str:

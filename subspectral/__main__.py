@@ -1,0 +1,7 @@
+"""``python -m subspectral ...``: the command line."""
+
+import sys
+
+from subspectral.cli import main
+
+sys.exit(main())
