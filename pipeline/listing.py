@@ -10,13 +10,18 @@ Layouts (``--layout``, detected by default):
 
 Listing is split into units (a class folder, a class tar, a list file) so that the distributor
 can list a 19,000-tar corpus in parallel and no corpus-sized list of Python objects is built.
+Every entry under a source root ends up an input or a reject: local trees are walked by ``walk``
+(links, loops, FIFOs and devices), and ``combine`` keeps a file reached through links once.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+import re
+import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,13 +31,16 @@ import pyarrow.parquet as pq
 from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
-from .storage import Location
+from .storage import SCHEME_PATTERN, Location, is_remote
+from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "list")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 SPLIT_FOLDERS = ("train", "val")
+LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
+LINKS_SCHEMA = pa.schema([("source", pa.string()), ("target", pa.string())])  # an entry reached through links
 
 
 @dataclass(frozen=True)
@@ -43,12 +51,14 @@ class ListingUnit:
     uri: str
     class_name: str | None
     split: str | None
+    root: str | None = None  # the --src folder it lies in: links may not lead out of it
 
 
 @dataclass
 class Listed:
     inputs: pa.Table
     rejects: pa.Table
+    links: pa.Table = field(default_factory=LINKS_SCHEMA.empty_table)  # entries reached through links
 
 
 def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.Table]:
@@ -57,45 +67,75 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
     rejects = _RejectBuilder()
     for source in sources:
         loc = Location(source)
-        filesystem, path = loc.resolve()
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"--src {source}: no such file or folder")
-        kind = layout
-        if info.type == pafs.FileType.File:
+        tree = None if is_remote(source) else SourceTree(source)
+        kind = _source_kind(loc)
+        if kind == "file":
             if layout not in ("auto", "list"):
                 raise ValueError(f"--src {source} is a file; only --layout list takes a file")
+            if _is_image_name(loc.path) and not loc.path.lower().endswith(LIST_SUFFIXES):
+                raise ValueError(f"--src {source} is an image; give the folder that holds the class folders (or "
+                                 "class tars), or a CSV/Parquet list of images")
             units.append(ListingUnit("list", source, None, None))
             continue
-        entries = _list_dir(filesystem, path)
+        entries = _entries(loc, tree)
         names = {posixpath.basename(e.path): e for e in entries}
-        split_roots = [n for n in SPLIT_FOLDERS if n in names and names[n].type == pafs.FileType.Directory]
+        split_roots = [n for n in SPLIT_FOLDERS if n in names and names[n].is_dir and not names[n].reason]
         roots = [(loc.join(n), n) for n in split_roots] if split_roots else [(loc, None)]
         if split_roots:
-            for name in names:
+            for name, entry in names.items():
                 if name not in split_roots:
-                    rejects.add(loc.join(name).uri, RejectReason.STRAY_FILE,
-                                "not a split folder next to train/ and val/")
+                    rejects.add(loc.join(name).uri, entry.reason or RejectReason.STRAY_FILE,
+                                entry.detail or "not a split folder next to train/ and val/")
         for root, split in roots:
-            root_fs, root_path = root.resolve()
-            root_entries = entries if split is None else _list_dir(root_fs, root_path)
+            root_entries = entries if split is None else _entries(root, tree)
             kind = layout if layout != "auto" else _detect(root_entries)
             for entry in root_entries:
                 name = posixpath.basename(entry.path)
                 child = root.join(name)
-                if kind == "class-tars" and entry.type == pafs.FileType.File and name.endswith(".tar"):
+                if entry.reason:
+                    rejects.add(child.uri, entry.reason, entry.detail)
+                elif kind == "class-tars" and not entry.is_dir and name.endswith(".tar"):
                     units.append(ListingUnit("tar", child.uri, name[: -len(".tar")], split))
-                elif kind == "imagefolder" and entry.type == pafs.FileType.Directory:
-                    units.append(ListingUnit("folder", child.uri, name, split))
+                elif kind == "imagefolder" and entry.is_dir:
+                    units.append(ListingUnit("folder", child.uri, name, split, source))
                 else:
                     expected = "tar" if kind == "class-tars" else "folder"
                     rejects.add(child.uri, RejectReason.STRAY_FILE, f"not a class {expected}")
     return units, rejects.table()
 
 
-def _detect(entries: list[pafs.FileInfo]) -> str:
-    tars = sum(1 for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar"))
-    folders = sum(1 for e in entries if e.type == pafs.FileType.Directory)
+def _source_kind(loc: Location) -> str:
+    """"file" or "folder"; anything else is refused with one line (a FIFO would block the listing)."""
+    if not is_remote(loc.uri):
+        try:
+            mode = os.stat(loc.uri).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"--src {loc.uri}: no such file or folder") from None
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            return "folder" if stat.S_ISDIR(mode) else "file"
+        raise ValueError(f"--src {loc.uri} is a {special_kind(mode)}, not a file or folder")
+    filesystem, path = loc.resolve()
+    try:
+        info = filesystem.get_file_info(path)
+    except OSError as error:  # the store is unreachable, or refuses: say which --src
+        raise OSError(f"--src {loc.uri}: {error}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"--src {loc.uri}: no such file or folder")
+    return "file" if info.type == pafs.FileType.File else "folder"
+
+
+def _entries(loc: Location, tree: SourceTree | None) -> list[Entry]:
+    """One folder's entries: a local one through ``walk`` (links and special files judged), else pyarrow's."""
+    if tree is not None:
+        return tree.scan(loc.uri)
+    filesystem, path = loc.resolve()
+    return [Entry(info.path, is_dir=info.type == pafs.FileType.Directory, size=info.size or -1)
+            for info in _list_dir(filesystem, path)]
+
+
+def _detect(entries: list[Entry]) -> str:
+    tars = sum(1 for e in entries if not e.is_dir and not e.reason and e.path.endswith(".tar"))
+    folders = sum(1 for e in entries if e.is_dir and not e.reason)
     return "class-tars" if tars > folders else "imagefolder"
 
 
@@ -111,6 +151,32 @@ def list_unit(unit: ListingUnit) -> Listed:
     if unit.kind == "tar":
         return _list_tar(unit)
     return _list_file(unit)
+
+
+def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """All units' inputs and rejects in one table each, every entry once.
+
+    An entry reached through links (``Listed.links``) that is also listed under its own path, or
+    through an earlier link (by source order), becomes a ``duplicate_input`` reject: the same image
+    under two keys would sit in two shards, perhaps in train and val, perhaps under two labels.
+    """
+    inputs = pa.concat_tables([item.inputs for item in listed]) if listed else INPUTS_SCHEMA.empty_table()
+    rejects = pa.concat_tables([top_rejects, *[item.rejects for item in listed]])
+    links = pa.concat_tables([item.links for item in listed]) if listed else LINKS_SCHEMA.empty_table()
+    if links.num_rows == 0:
+        return inputs, rejects
+    every = pa.chunked_array(inputs.column("source").chunks + rejects.column("source").chunks, pa.string())
+    direct = pc.filter(every, pc.invert(pc.is_in(every, value_set=links.column("source"))))
+    seen = set(pc.filter(direct, pc.is_in(direct, value_set=links.column("target"))).to_pylist())
+    duplicates = _RejectBuilder()
+    for row in links.sort_by("source").to_pylist():
+        if row["target"] in seen:
+            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+        seen.add(row["target"])
+    dropped = duplicates.table()
+    keep = [pc.invert(pc.is_in(table.column("source"), value_set=dropped.column("source")))
+            for table in (inputs, rejects)]
+    return inputs.filter(keep[0]), pa.concat_tables([rejects.filter(keep[1]), dropped])
 
 
 class _RejectBuilder:
@@ -152,23 +218,33 @@ def _is_image_name(name: str) -> bool:
 
 
 def _list_folder(unit: ListingUnit) -> Listed:
-    loc = Location(unit.uri)
-    filesystem, path = loc.resolve()
     inputs, rejects = _InputBuilder(unit.class_name, unit.split), _RejectBuilder()
-    for info in _list_dir(filesystem, path, recursive=True):
-        if info.type != pafs.FileType.File:
-            continue
-        relative = posixpath.relpath(info.path, path)
-        name = posixpath.basename(info.path)
-        source = loc.join(relative).uri
-        if _is_image_name(name) and not name.startswith("."):
-            inputs.add(source, None, -1, info.size, name)
+    links = {"source": [], "target": []}
+    for entry in _folder_files(unit):
+        name = posixpath.basename(entry.path)
+        if entry.reason:
+            rejects.add(entry.path, entry.reason, entry.detail)
+        elif _is_image_name(name) and not name.startswith("."):
+            inputs.add(entry.path, None, -1, entry.size, name)
         else:
-            rejects.add(source, RejectReason.STRAY_FILE, "not an image file name")
+            rejects.add(entry.path, RejectReason.STRAY_FILE, "not an image file name")
+        if entry.target:
+            links["source"].append(entry.path)
+            links["target"].append(entry.target)
     table = inputs.table()
     if table.num_rows == 0:
         rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class folder holds no image")
-    return Listed(table, rejects.table())
+    return Listed(table, rejects.table(), pa.table(links, schema=LINKS_SCHEMA))
+
+
+def _folder_files(unit: ListingUnit) -> list[Entry]:
+    """Every file and rejected entry below a class folder, with its full path (or URI)."""
+    loc = Location(unit.uri)
+    if not is_remote(unit.uri):
+        return list(SourceTree(unit.root or posixpath.dirname(unit.uri)).walk(unit.uri))
+    filesystem, path = loc.resolve()
+    return [Entry(loc.join(posixpath.relpath(info.path, path)).uri, size=info.size)
+            for info in _list_dir(filesystem, path, recursive=True) if info.type == pafs.FileType.File]
 
 
 def _list_tar(unit: ListingUnit) -> Listed:
@@ -211,14 +287,19 @@ def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, r
 def _list_file(unit: ListingUnit) -> Listed:
     loc = Location(unit.uri)
     filesystem, path = loc.resolve()
-    with filesystem.open_input_file(path) as handle:
-        table = pq.read_table(handle) if path.endswith(".parquet") else pacsv.read_csv(handle)
+    parquet = path.endswith(".parquet")
+    try:
+        with filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle) if parquet else pacsv.read_csv(handle)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"list file {unit.uri}: not a {'Parquet' if parquet else 'CSV'} list of images "
+                         f"({_first_words(error)})") from None
     column = "path" if "path" in table.column_names else "uri" if "uri" in table.column_names else None
     if column is None or "label" not in table.column_names:
         raise ValueError(f"list file {unit.uri}: needs a 'path' (or 'uri') column and a 'label' column")
-    base = posixpath.dirname(loc.uri.split("?", 1)[0])
+    base = posixpath.dirname(loc.path)
     paths = pc.cast(table.column(column), pa.string())
-    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
+    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, SCHEME_PATTERN))
     sources = pc.if_else(absolute, paths, pc.binary_join_element_wise(base, paths, "/"))
     count = table.num_rows
     if "split" in table.column_names:
@@ -238,3 +319,10 @@ def _list_file(unit: ListingUnit) -> Listed:
         "split": splits,
     }
     return Listed(pa.table(columns, schema=INPUTS_SCHEMA), _RejectBuilder().table())
+
+
+def _first_words(error: Exception, limit: int = 120) -> str:
+    """The start of an error's first line, printable: a parser's message may quote the file's raw bytes."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = re.sub(r"[^\x20-\x7e]", "?", line)
+    return line if len(line) <= limit else line[:limit] + "…"

@@ -6,6 +6,7 @@ Orchestration only: what to do and in which order; the work itself lives in ``li
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import sys
@@ -35,11 +36,25 @@ from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_
 from subspectral import __version__
 
 from . import decompose, encode, resize
+from .decode import SizeLimits
 from .distributor import RayRunner, run_serial
-from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
+from .listing import LAYOUTS, Listed, ListingUnit, combine, list_unit, plan_units
+from .outdir import claim, finished_shards, output_lock, remove_partials, verify_shards
 from .plan import Plan, PlanOptions, make_plan, source_uris
-from .shard import SampleEncoder, SampleSpec, ShardTask, stats_location, status_location, write_shard
-from .storage import Location, exists, read_bytes, read_json, write_bytes, write_json
+from .shard import (
+    SampleEncoder,
+    SampleSpec,
+    ShardTask,
+    shard_name,
+    stats_location,
+    status_location,
+    write_shard,
+)
+from .storage import Location, exists, free_bytes, read_bytes, read_json, write_bytes, write_json
+
+# Each shard task keeps one tar per sub-dataset open, with a 128 KiB (local) or 1 MiB (object store)
+# buffer each; 1024 is also the usual limit of open files per process.
+MAX_SUB_DATASETS = 1024
 
 
 @dataclass(frozen=True)
@@ -54,8 +69,17 @@ class PrepareOptions:
 def validate(options: PrepareOptions) -> None:
     spec = options.spec
     decompose.grid_factor(spec.split)
+    if spec.split > MAX_SUB_DATASETS:
+        raise ValueError(f"--split {spec.split}: at most {MAX_SUB_DATASETS} sub-datasets (each shard task keeps "
+                         "one tar per sub-dataset open)")
     if spec.size < 1:
         raise ValueError(f"--size must be positive, got {spec.size}")
+    if spec.image_size**2 > spec.limits.max_pixels:
+        raise ValueError(f"--size {spec.size} with --split {spec.split} resizes every image to {spec.image_size}x"
+                         f"{spec.image_size} = {spec.image_size**2} pixels, over the limit of {spec.limits.max_pixels}"
+                         " pixels per image; use a smaller --size")
+    if spec.limits.max_file_bytes < 1:
+        raise ValueError(f"--max-file-mb must be positive, got {spec.limits.max_file_bytes / 2**20:g}")
     if spec.resize_mode not in resize.RESIZE_MODES:
         raise ValueError(f"--resize-mode must be one of {', '.join(resize.RESIZE_MODES)}, got {spec.resize_mode!r}")
     if spec.transform not in ("none", "dct"):
@@ -77,6 +101,18 @@ def output_parameters(options: PrepareOptions) -> dict:
             "schema_version": SCHEMA_VERSION}
 
 
+def card_parameters(document: dict) -> dict:
+    """``output_parameters`` as a dataset card records them: what a rerun compares with once _work/ is gone."""
+    card = DatasetCard.from_json(document)
+    limits = SizeLimits(min_side=card.min_side, max_pixels=card.max_pixels, max_file_bytes=card.max_file_bytes)
+    spec = SampleSpec(split=card.split, size=card.size, resize_mode=card.resize_mode, transform=card.transform,
+                      image_format=card.format, quality=card.quality, limits=limits)
+    plan = PlanOptions(shard_size=card.shard_size, seed=card.seed, val_per_class=card.val_per_class,
+                       min_per_class=card.min_per_class)
+    options = PrepareOptions(sources=card.source.uris, out="", layout=card.source.layout, spec=spec, plan=plan)
+    return output_parameters(options)
+
+
 def pil_flavour() -> str:
     import PIL
 
@@ -91,28 +127,38 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     """
     log = log or logging.getLogger(__name__).info
     validate(options)
+    units = plan_units(list(options.sources), options.layout)  # checks the sources before --out is touched
+    if dry_run:
+        inputs, listing_rejects = _listing(options, units, None, run_serial)
+        return _dry_run(options, make_plan(inputs, options.plan), listing_rejects, log)
     out = Location(options.out)
-    params = output_parameters(options)
-    work = out.join("_work")
-    if not dry_run:
-        _claim_output(out, params)
-        if exists(out.join("dataset.json")):
-            card = DatasetCard.from_json(read_json(out.join("dataset.json")), out.join("dataset.json").uri)
+    with output_lock(out, log):
+        claim(out, output_parameters(options), card_parameters, log)
+        removed = remove_partials(out)
+        if removed:
+            log(f"prepare: removed {removed} partial file(s) left by an interrupted run")
+        card = _intact_card(out, log)
+        if card is not None:
             log(f"{out.uri} is already complete: {card.counts.written} samples in {card.split} "
                 "sub-datasets; nothing to do")
             return card.to_json()
-    units = plan_units(list(options.sources), options.layout)  # checks the sources before starting Ray
+        return _write(options, units, out, num_workers=num_workers, ray_address=ray_address, executor=executor,
+                      log=log)
+
+
+def _write(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], out: Location, *, num_workers: int,
+           ray_address: str | None, executor: str, log: Callable[[str], None]) -> dict:
     started = time.perf_counter()
-    runner = RayRunner(num_workers, ray_address) if executor == "ray" and not dry_run else None
+    runner = RayRunner(num_workers, ray_address) if executor == "ray" else None
     startup = time.perf_counter() - started
     mapper = runner.map if runner else run_serial
+    space, full_disk = _SpaceNeed(out), None
     try:
-        inputs, listing_rejects = _listing(options, units, work, mapper, cache=not dry_run)
+        inputs, listing_rejects = _listing(options, units, out.join("_work"), mapper)
         plan = make_plan(inputs, options.plan)
-        if dry_run:
-            return _dry_run(options, plan, listing_rejects, log)
-        tasks = _shard_tasks(options, out, plan)
-        pending = [task for task in tasks if not exists(stats_location(out, task.split, task.shard))]
+        tasks = list(_shard_tasks(options, out, plan))
+        pending = _unfinished(out, tasks, options.spec.split, log)
+        space.check(options, plan.rows, pending)
         if ".post" not in pil_flavour():
             log("prepare: note: plain Pillow is loaded, not pillow-simd (resize is several times slower); "
                 "scripts/setup.sh installs pillow-simd")
@@ -122,10 +168,17 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
         work_started = time.perf_counter()
         seconds = _run_shards(mapper, pending)
         elapsed = time.perf_counter() - work_started
+        card = _finalise(options, out, plan, listing_rejects)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        full_disk = error
     finally:
         if runner:
-            runner.shutdown()
-    card = _finalise(options, out, plan, listing_rejects)
+            runner.shutdown()  # before removing partial files: no task writes any more
+    if full_disk is not None:
+        remove_partials(out)
+        raise OSError(space.message(full_disk)) from None
     images = sum(task.rows.num_rows for task in pending)
     summary = {**card, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
                                "images_per_second": images / elapsed if elapsed else 0.0, "stage_seconds": seconds}}
@@ -133,46 +186,86 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     return summary
 
 
-def _claim_output(out: Location, params: dict) -> None:
-    marker = out.join("_work", "params.json")
-    if exists(marker):
-        previous = read_json(marker)
-        if previous != params:
-            changed = _differences(previous, params)
-            raise ValueError(f"{out.uri} was prepared with other options ({'; '.join(changed)}); "
-                             "use another --out, or delete it to start over")
-        return
-    if exists(out.join("dataset.json")):
-        raise ValueError(f"{out.uri} holds a dataset without its _work/params.json; use another --out")
-    write_json(marker, params)
+def _intact_card(out: Location, log: Callable[[str], None]) -> DatasetCard | None:
+    """The card of a complete dataset whose shards are all intact; None (and the card deleted) otherwise."""
+    card_at = out.join("dataset.json")
+    if not exists(card_at):
+        return None
+    card = DatasetCard.from_json(read_json(card_at), card_at.uri)
+    shards = [shard_name(split, j) for split, info in card.splits.items() for j in range(info.shards)]
+    finished, damaged = verify_shards(out, shards, list(card.sub_datasets), with_status=False)
+    problems = [damaged.get(shard, f"stats/{shard}.json is missing") for shard in shards if shard not in finished]
+    if not problems:
+        return card
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if not exists(out.join("_work", "params.json")):
+        raise ValueError(f"{out.uri} is damaged: {problems[0]}{more}, and its _work/ folder, needed to rewrite it, "
+                         "was deleted; delete the dataset and prepare it again")
+    log(f"prepare: {out.uri} is damaged: {problems[0]}{more}; writing what is missing")
+    filesystem, path = card_at.resolve()
+    filesystem.delete_file(path)  # no longer complete: written again, last
+    return None
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} then, {b!r} now")
-    return changed
+def _unfinished(out: Location, tasks: list[ShardTask], split: int, log: Callable[[str], None]) -> list[ShardTask]:
+    """The tasks to run: shards not finished, and finished ones whose files are no longer all intact."""
+    finished, damaged = verify_shards(out, [shard_name(t.split, t.shard) for t in tasks], sub_dataset_names(split))
+    for shard, problem in sorted(damaged.items()):
+        log(f"prepare: {problem}: writing shard {shard} again")
+        filesystem, path = out.join("stats", f"{shard}.json").resolve()
+        filesystem.delete_file(path)  # unfinished until written again
+    return [task for task in tasks if shard_name(task.split, task.shard) not in finished]
 
 
-def _listing(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], work: Location, mapper: Callable,
-             cache: bool) -> tuple[pa.Table, pa.Table]:
-    inputs_at, rejects_at = work.join("inputs.parquet"), work.join("listing_rejects.parquet")
-    if cache and exists(inputs_at) and exists(rejects_at):
+class _SpaceNeed:
+    """The space a run needs on a local --out: refused up front when short, stated when the disk fills."""
+
+    def __init__(self, out: Location) -> None:
+        self.out = out
+        self.per_image: float | None = None  # bytes of one image's N samples, estimated by encoding a few
+        self.pending: list[ShardTask] = []
+
+    def check(self, options: PrepareOptions, rows: pa.Table, pending: list[ShardTask]) -> None:
+        self.pending = pending
+        free = free_bytes(self.out)
+        if free is None or not pending:
+            return
+        self.per_image = _estimate_sample_bytes(options, rows) * options.spec.split
+        needed = self.per_image * sum(task.rows.num_rows for task in pending)
+        if needed > free:
+            raise OSError(f"not enough space for {self.out.uri}: about {_human(needed)} needed for {len(pending)} "
+                          f"shard(s), {_human(free)} free; free some space or use another --out")
+
+    def message(self, error: OSError) -> str:
+        """One line for a full disk: where, about how much more the run needs, how much is free."""
+        text = f"no space left on the device of {self.out.uri}"
+        if error.filename:
+            text += f" (writing {error.filename})"
+        if self.per_image is not None:
+            finished = finished_shards(self.out)
+            left = sum(t.rows.num_rows for t in self.pending if shard_name(t.split, t.shard) not in finished)
+            text += f": about {_human(self.per_image * left)} more needed"
+        free = free_bytes(self.out)
+        if free is not None:
+            text += f", {_human(free)} free"
+        return text + "; free some space and rerun the same command to resume"
+
+
+def _listing(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], work: Location | None,
+             mapper: Callable) -> tuple[pa.Table, pa.Table]:
+    """Inputs and listing rejects, cached in ``work`` (None: not cached)."""
+    inputs_at, rejects_at = (work.join("inputs.parquet"), work.join("listing_rejects.parquet")) if work else (None,) * 2
+    if work and exists(inputs_at) and exists(rejects_at):
         return _read_parquet(inputs_at), _read_parquet(rejects_at)
     units, top_rejects = units
     listed: list[Listed] = list(mapper(list_unit, units))
-    inputs = pa.concat_tables([item.inputs for item in listed]) if listed else None
-    if inputs is None or inputs.num_rows == 0:
+    inputs, rejects = combine(listed, top_rejects)
+    if inputs.num_rows == 0:
         raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
-    rejects = pa.concat_tables([top_rejects, *[item.rejects for item in listed]])
     # Units finish in any order on Ray; sorting makes every table independent of scheduling.
     inputs = inputs.sort_by([("source", "ascending"), ("member", "ascending")])
     rejects = rejects.sort_by([("source", "ascending")])
-    if cache:
+    if work:
         _write_parquet(inputs_at, inputs)
         _write_parquet(rejects_at, rejects)
     return inputs, rejects
@@ -271,6 +364,7 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
         min_per_class=options.plan.min_per_class,
         min_side=spec.limits.min_side,
         max_pixels=spec.limits.max_pixels,
+        max_file_bytes=spec.limits.max_file_bytes,
         num_classes=len(plan.classes),
         class_table_sha256=class_table_sha256(plan.classes),
         sub_datasets=tuple(sub_dataset_names(spec.split)),
@@ -337,7 +431,7 @@ def _estimate_sample_bytes(options: PrepareOptions, rows: pa.Table, count: int =
     from .decode import RejectedInput
     from .reader import SourceReader
 
-    reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
+    reader, sample_encoder, sizes = SourceReader(options.spec.limits.max_file_bytes), SampleEncoder(options.spec), []
     step = max(1, rows.num_rows // count)
     for row in rows.slice(0, rows.num_rows).take(list(range(0, rows.num_rows, step))[:count]).to_pylist():
         try:

@@ -2,9 +2,14 @@
 followed by a DCT across the N components), and write N aligned WebDataset sub-datasets
 (OUT/sub-00 … OUT/sub-{N-1}) with a dataset card, class table, manifest and rejects table.
 
-Without --src, the embedded sample corpus is generated (deterministically, no network) and used.
+Without --src, the embedded sample corpus is generated (deterministically, no network) and used,
+with 20 images per class held out for val.
 The work runs as Ray tasks on an embedded local Ray, or on a cluster with --ray-address / RAY_ADDRESS.
-Rerunning the same command resumes: finished shards are kept, the rest is written.
+Rerunning the same command resumes: finished shards whose tars are all intact are kept, the rest is
+written. One prepare at a time per --out: a second one is refused (local folders are locked).
+Errors are one line on stderr: exit 2 for refused input, 1 for faults a retry may fix (a full disk,
+a store that does not answer: object-store requests give up after $SUBSPECTRAL_STORAGE_TIMEOUT seconds
+without a byte, default 15). SIGTERM or Ctrl-C stops cleanly; a second one stops at once.
 
 examples:
   python cli.py prepare --out data/sample                       # sample corpus, --split 36
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 DEFAULTS = {
     "split": 36,
@@ -27,11 +33,13 @@ DEFAULTS = {
     "format": "jpg",
     "quality": 95,
     "val_per_class": 0,
+    "sample_val_per_class": 20,  # the embedded sample corpus gets a val split, as ImageNet has
     "min_per_class": 0,
     "shard_size": 5000,
     "seed": 0,
     "layout": "auto",
     "min_side": None,  # min(32, S): see SizeLimits.for_side
+    "max_file_mb": 256,  # = decode.DEFAULT_MAX_FILE_BYTES
 }
 
 
@@ -64,10 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split_group.add_argument("--min-side", type=int, default=d["min_side"], metavar="PX",
                              help="reject images whose shorter side is under this (default: 32, or S = sqrt(N)·size "
                                   "when that is smaller, so images of at least S×S are always kept)")
+    split_group.add_argument("--max-file-mb", type=float, default=d["max_file_mb"], metavar="MIB",
+                             help="reject input files larger than this many MiB, unread; the size of an image at "
+                                  "the decompression-bomb limit (89.5 Mpx) in uncompressed RGB "
+                                  "(default: %(default)s)")
     plan_group = parser.add_argument_group("classes, splits and shards")
-    plan_group.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
+    plan_group.add_argument("--val-per-class", type=int, default=None, metavar="N",
                             help="hold out N images per class for val, chosen by a seeded hash of the key; a source "
-                                 "with its own train/ and val/ keeps them (default: %(default)s)")
+                                 "with its own train/ and val/ keeps them (default: "
+                                 f"{d['val_per_class']}, or {d['sample_val_per_class']} for the embedded sample "
+                                 "corpus)")
     plan_group.add_argument("--min-per-class", type=int, default=d["min_per_class"], metavar="N",
                             help="drop classes with fewer than N images (ImageNet-21K-P: 500) (default: %(default)s)")
     plan_group.add_argument("--shard-size", type=int, default=d["shard_size"], metavar="N",
@@ -96,20 +110,25 @@ def options_from_args(args: argparse.Namespace):
 
     if args.src:
         sources = tuple(location(src).uri for src in args.src)
+        val_per_class = DEFAULTS["val_per_class"] if args.val_per_class is None else args.val_per_class
     else:
         from .sample import sample_corpus
 
         sources = (location(sample_corpus()).uri,)
+        val_per_class = DEFAULTS["sample_val_per_class"] if args.val_per_class is None else args.val_per_class
+    max_file_bytes = int(args.max_file_mb * 2**20)
+    limits = None if args.min_side is None else SizeLimits(min_side=args.min_side, max_file_bytes=max_file_bytes)
     spec = SampleSpec(split=args.split, size=args.size, resize_mode=args.resize_mode, transform=args.transform,
-                      image_format=args.format, quality=args.quality,
-                      limits=None if args.min_side is None else SizeLimits(min_side=args.min_side))
-    plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=args.val_per_class,
+                      image_format=args.format, quality=args.quality, limits=limits)
+    if limits is None:  # the spec's default min(32, S), with the file-size limit given here
+        spec = replace(spec, limits=replace(spec.limits, max_file_bytes=max_file_bytes))
+    plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=val_per_class,
                        min_per_class=args.min_per_class)
     return PrepareOptions(sources=sources, out=location(args.out).uri, layout=args.layout, spec=spec, plan=plan)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributor import default_workers
+    from .distributor import TaskFailed, default_workers
     from .prepare import prepare
 
     try:
@@ -119,7 +138,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-workers must be at least 1, got {workers}")
         prepare(options, num_workers=workers, ray_address=args.ray_address, dry_run=args.dry_run,
                 executor=args.executor)
-    except (ValueError, OSError) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
+    except ValueError as error:  # refused input: retrying cannot help
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except (OSError, TaskFailed) as error:  # a fault (full disk, store unreachable, worker killed): a retry may help
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: pyarrow's and libjpeg's messages may span several."""
+    return " ".join(str(error).split()) or type(error).__name__
