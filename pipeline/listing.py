@@ -32,7 +32,7 @@ from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import SCHEME_PATTERN, Location, is_remote
-from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
+from .walk import Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "list")
 IMAGE_EXTENSIONS = frozenset(
@@ -171,7 +171,7 @@ def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.T
     duplicates = _RejectBuilder()
     for row in links.sort_by("source").to_pylist():
         if row["target"] in seen:
-            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+            duplicates.add(row["source"], RejectReason.DUPLICATE_INPUT, f"the same as {row['target']}")
         seen.add(row["target"])
     dropped = duplicates.table()
     keep = [pc.invert(pc.is_in(table.column("source"), value_set=dropped.column("source")))
@@ -284,6 +284,18 @@ def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, r
         rejects.add(source, RejectReason.STRAY_FILE, "not an image file name")
 
 
+def _refuse_blank_cells(uri: str, table: pa.Table, columns: tuple[str, ...]) -> None:
+    """A row without a path or a label cannot be listed: refuse the list, naming the first such row."""
+    for name in columns:
+        text = pc.utf8_trim_whitespace(pc.cast(table.column(name), pa.string()))
+        blank = pc.fill_null(pc.equal(text, ""), True)
+        count = pc.sum(blank).as_py() or 0
+        if count:
+            row = pc.index(blank, True).as_py()
+            raise ValueError(f"list file {uri}: {count} row(s) with a blank '{name}' (the first is data row "
+                             f"{row + 1}); give every row a {name}")
+
+
 def _list_file(unit: ListingUnit) -> Listed:
     loc = Location(unit.uri)
     filesystem, path = loc.resolve()
@@ -297,6 +309,7 @@ def _list_file(unit: ListingUnit) -> Listed:
     column = "path" if "path" in table.column_names else "uri" if "uri" in table.column_names else None
     if column is None or "label" not in table.column_names:
         raise ValueError(f"list file {unit.uri}: needs a 'path' (or 'uri') column and a 'label' column")
+    _refuse_blank_cells(unit.uri, table, (column, "label"))
     base = posixpath.dirname(loc.path)
     paths = pc.cast(table.column(column), pa.string())
     absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, SCHEME_PATTERN))

@@ -12,9 +12,11 @@ import stat
 from collections import OrderedDict
 from typing import Any
 
-from .decode import DEFAULT_MAX_FILE_BYTES, TOO_LARGE, RejectedInput
+from subspectral.schemas.reasons import RejectReason
+
+from .decode import DEFAULT_MAX_FILE_BYTES, RejectedInput
 from .storage import Location, is_remote
-from .walk import NOT_A_FILE, special_kind
+from .walk import special_kind
 
 
 class SourceReader:
@@ -62,7 +64,7 @@ class SourceReader:
 
 def _check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise RejectedInput(TOO_LARGE, f"{size} bytes, over the limit of {max_bytes} (--max-file-mb)")
+        raise RejectedInput(RejectReason.TOO_LARGE, f"{size} bytes, over the limit of {max_bytes} (--max-file-mb)")
 
 
 def _read_local_file(path: str, size_hint: int, max_bytes: int) -> bytes:
@@ -76,7 +78,7 @@ def _read_local_file(path: str, size_hint: int, max_bytes: int) -> bytes:
     """
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
-        raise RejectedInput(NOT_A_FILE, f"a {special_kind(info.st_mode)}: never opened")
+        raise RejectedInput(RejectReason.NOT_A_FILE, f"a {special_kind(info.st_mode)}: never opened")
     _check_size(info.st_size, max_bytes)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
