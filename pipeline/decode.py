@@ -23,7 +23,6 @@ from subspectral.schemas.reasons import RejectReason
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (1024·1024·1024 // 4 // 3)
 # An image at that pixel limit stored uncompressed in 8-bit RGB: no real image file needs more.
 DEFAULT_MAX_FILE_BYTES = 256 * 1024**2
-TOO_LARGE = RejectReason.TOO_LARGE  # also the reader's reason for a file over max_file_bytes
 
 
 class RejectedInput(Exception):
