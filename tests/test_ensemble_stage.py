@@ -348,7 +348,9 @@ def test_a_malicious_checkpoint_is_refused_without_suggesting_the_unsafe_load(st
 def test_a_val_label_outside_the_classes_is_one_clear_error(stage, capsys, label) -> None:
     data, runs, card = stage
     images = np.zeros((4, len(LABELS), 2, 2, 3), dtype=np.uint8)
-    make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    card = make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    for shard, top1 in OWN_TOP1.items():  # members of this dataset: the label, not the data identity, is wrong
+        make_run(runs, card, shard, top1, backend="pixels", data=str(data))
     assert run_stage(data, runs, "--members", "0,1,2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ensemble-eval: error: val sample 'img_0005' has label {label}, outside the {C} classes of the "
