@@ -13,7 +13,7 @@ import io
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,11 @@ class SampleSpec:
     transform: str = "none"
     image_format: str = "jpg"
     quality: int = 95
-    limits: SizeLimits = field(default_factory=SizeLimits)
+    limits: SizeLimits | None = None  # None: SizeLimits.for_side(image_size)
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            object.__setattr__(self, "limits", SizeLimits.for_side(self.image_size))
 
     @property
     def grid(self) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from subspectral.schemas import DatasetCard
+from subspectral.train import peak_memory
 from subspectral.train.config import ConfigError, Recipe, check_recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
@@ -105,6 +106,17 @@ def truncate_metrics(run_dir: Path, kept_epochs: int) -> None:
         lines = [line for line in path.read_text().splitlines(keepends=True)
                  if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
         write_text(path, "".join(lines))
+
+
+def cost_from_metrics(metrics: Path) -> dict[str, Any]:
+    """final.json's cost fields from metrics.jsonl, whose lines cover every epoch of the run, resumed
+    segments included: ``train_seconds`` (training and validation of all epochs) and ``peak_rss_bytes``
+    (the largest resident set of the training process in any epoch, see ``train.peak_memory``)."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.exists() else []
+    peaks = [line["peak_rss_bytes"] for line in lines if "peak_rss_bytes" in line]
+    return {"train_seconds": sum(line.get("epoch_seconds", line["seconds"]) for line in lines),
+            "peak_rss_bytes": max(peaks) if peaks else None}
 
 
 class EpochLog:
@@ -202,7 +214,8 @@ class MemberTraining(ABC):
 
     @abstractmethod
     def final_fields(self) -> dict[str, Any]:
-        """The backend's own fields of final.json."""
+        """The backend's own fields of final.json: ``ema``, and ``parameters`` and ``parameter_bytes`` of the
+        evaluated weights (trainable parameters, as torchvision counts them)."""
 
     @abstractmethod
     def wait_for_ranks(self) -> None:
@@ -255,7 +268,8 @@ class MemberTraining(ABC):
     def train_epochs(self, book: EpochBook, start: int, stop: int) -> None:
         """Train epochs ``start .. stop - 1`` (0-based) on their own, each recorded in ``book``."""
         for epoch in range(start, stop):
-            book.record(epoch, {"epoch": epoch + 1, **self._train_epoch(epoch, book.plan, book.saved)})
+            started = time.perf_counter()
+            book.record(epoch, {"epoch": epoch + 1, **self._train_epoch(epoch, book.plan, book.saved)}, started)
 
     def end(self, plan: EpochPlan, final: dict[str, Any]) -> None:
         """The final weights, then final.json (last: the member is done)."""
@@ -316,20 +330,24 @@ class EpochBook:
         self.log = EpochLog(run.run_dir, prefix) if plan.main else None
         self.last_eval: dict[str, Any] = {}
         self.skipped, self.saved = 0, start_epoch  # saved: the epochs the last checkpoint holds
-        self.started = time.perf_counter()
+        peak_memory.reset_peak()  # members trained in turn in one process each get their own peak
 
     def validates(self, epoch: int) -> bool:
         plan = self.plan
         return plan.validates and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs)
 
-    def record(self, epoch: int, line: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
-        """After epoch ``epoch`` (0-based) has trained: validate when due (``evaluation``: already computed),
-        log ``line``, checkpoint."""
+    def record(self, epoch: int, line: dict[str, Any], started: float, evaluation: dict[str, Any] | None = None,
+               share: int = 1) -> None:
+        """After epoch ``epoch`` (0-based), begun at ``started`` (perf_counter), has trained: validate when due
+        (``evaluation``: already computed), log ``line``, checkpoint. ``share``: the members that trained
+        the epoch together, whose time is split evenly (``epoch_seconds``)."""
         plan, run = self.plan, self.run
         self.skipped = line["skipped"]
         if self.validates(epoch):
             self.last_eval = run.checked_validation(evaluation)
             line.update(self.last_eval)
+        line["epoch_seconds"] = (time.perf_counter() - started) / share
+        line["peak_rss_bytes"] = peak_memory.peak_bytes()
         if self.log is not None:
             self.log.write(line)
             improved = "top1" in line and line["top1"] > self.best_top1
@@ -353,4 +371,4 @@ class EpochBook:
                     "val_samples": last.get("val_samples", 0), "val_skipped": last.get("val_skipped", 0),
                     "best_top1": self.best_top1 if plan.validates else None}
         return {**measured, "validated": plan.validates, "train_skipped": self.skipped, "epochs": plan.epochs,
-                "train_seconds": time.perf_counter() - self.started}
+                **cost_from_metrics(self.run.run_dir / METRICS_FILE)}

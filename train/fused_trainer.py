@@ -183,6 +183,7 @@ class FusedGroup:
         for epoch in range(start, plan.epochs):
             # Everything random in an epoch derives from (seed, epoch), as for each member alone.
             torch.manual_seed(train_cfg.seed * 100_003 + epoch)
+            started = time.perf_counter()
             stream.set_epoch(epoch)
             bar = EpochProgress(plan.batches_per_epoch, f"{label} {epoch + 1}/{plan.epochs}",
                                 enabled=plan.progress, world=1)
@@ -202,7 +203,7 @@ class FusedGroup:
                 evaluations = evaluate_fused(self._eval_net(net, members),
                                              make_loader(val_stream, data.workers, pin), first.ctx)
             for book, line, evaluation in zip(books, lines, evaluations, strict=True):
-                book.record(epoch, {"epoch": epoch + 1, **line}, evaluation)
+                book.record(epoch, {"epoch": epoch + 1, **line}, started, evaluation, share=len(members))
 
     @staticmethod
     def _eval_net(net: FusedNetwork, members: Sequence[MemberTrainer]) -> FusedNetwork:
