@@ -5,17 +5,27 @@ Layouts (``--layout``, detected by default):
 * ``class-tars``: ROOT/CLASS.tar holding the class's images (the ImageNet-21K release); members are
   located by offset and read in place later, never extracted. Links, devices, absolute names and
   names with ``..`` are never followed: they become ``unsafe_tar_member`` rejects.
+* ``webdataset``: ROOT/*.tar (or the .tar files given) as WebDataset writes them, e.g. img2dataset's
+  output: samples of adjacent members ``KEY.jpg`` + ``KEY.cls`` / ``KEY.json`` / ``KEY.txt``. The image
+  member is read in place like a class tar's; the label is the ``.cls`` member, or the JSON field named
+  by ``--label-field``. Told apart from class tars by a look at the first tar: a key with several
+  members is a WebDataset sample (a class tar holds one file per name).
 * ``list``: a CSV or Parquet file with a ``path`` (or ``uri``) column and a ``label`` column (class
   name), optionally ``split``; relative paths are relative to the list file.
 
-Listing is split into units (a class folder, a class tar, a list file) so that the distributor
-can list a 19,000-tar corpus in parallel and no corpus-sized list of Python objects is built.
+Listing is split into units (a class folder, a tar, a list file) so that the distributor lists a
+19,000-tar corpus in parallel on the workers. A tar is listed by streaming it once in 64 MB reads
+(on object storage: one request to open it and one per 64 MB, never one per member). A list file is
+read in batches straight into the compact ``INPUTS_SCHEMA`` (no Python object per row).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,23 +35,31 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
-from .storage import Location
+from .storage import Location, is_remote
 
-LAYOUTS = ("auto", "imagefolder", "class-tars", "list")
+LAYOUTS = ("auto", "imagefolder", "class-tars", "webdataset", "list")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 SPLIT_FOLDERS = ("train", "val")
+STREAM_BLOCK = 64 * 2**20  # one object-storage request per 64 MB of a streamed tar
+PEEK_BLOCK = 2**20  # enough of a tar's head to tell WebDataset samples from a class's images
+PEEK_MEMBERS = 32
+MAX_LABEL_MEMBER = 2**20  # a .cls or .json member larger than this holds no usable label
+_LIST_BATCH_ROWS = 1 << 20
+_PLAIN_INPUTS = pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+                           for f in INPUTS_SCHEMA])  # what a unit's rows are gathered in, before encoding
 
 
 @dataclass(frozen=True)
 class ListingUnit:
-    """One piece of listing work: a class folder, a class tar, or a list file."""
+    """One piece of listing work: a class folder, a class tar, a WebDataset shard ("shard") or a list file."""
 
-    kind: str  # "folder" | "tar" | "list"
+    kind: str  # "folder" | "tar" | "shard" | "list"
     uri: str
     class_name: str | None
     split: str | None
+    label_field: str | None = None  # WebDataset shards: the JSON field holding the label (None: the .cls member)
 
 
 @dataclass
@@ -50,7 +68,8 @@ class Listed:
     rejects: pa.Table
 
 
-def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.Table]:
+def plan_units(sources: list[str], layout: str, label_field: str | None = None
+               ) -> tuple[list[ListingUnit], pa.Table]:
     """The listing units of every source, and the stray entries found at the top levels."""
     units: list[ListingUnit] = []
     rejects = _RejectBuilder()
@@ -60,11 +79,8 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise ValueError(f"--src {source}: no such file or folder")
-        kind = layout
         if info.type == pafs.FileType.File:
-            if layout not in ("auto", "list"):
-                raise ValueError(f"--src {source} is a file; only --layout list takes a file")
-            units.append(ListingUnit("list", source, None, None))
+            units.append(_file_unit(source, layout, label_field))
             continue
         entries = _list_dir(filesystem, path)
         names = {posixpath.basename(e.path): e for e in entries}
@@ -77,23 +93,92 @@ def plan_units(sources: list[str], layout: str) -> tuple[list[ListingUnit], pa.T
         for root, split in roots:
             root_fs, root_path = root.resolve()
             root_entries = entries if split is None else _list_dir(root_fs, root_path)
-            kind = layout if layout != "auto" else _detect(root_entries)
+            kind = layout if layout != "auto" else _detect(root, root_entries)
+            if kind == "webdataset":
+                _check_labels(root, root_entries, label_field)
             for entry in root_entries:
                 name = posixpath.basename(entry.path)
                 child = root.join(name)
-                if kind == "class-tars" and entry.type == pafs.FileType.File and name.endswith(".tar"):
+                is_tar = entry.type == pafs.FileType.File and name.endswith(".tar")
+                if kind == "class-tars" and is_tar:
                     units.append(ListingUnit("tar", child.uri, name[: -len(".tar")], split))
+                elif kind == "webdataset" and is_tar:
+                    units.append(ListingUnit("shard", child.uri, None, split, label_field))
                 elif kind == "imagefolder" and entry.type == pafs.FileType.Directory:
                     units.append(ListingUnit("folder", child.uri, name, split))
                 else:
-                    rejects.add(child.uri, "stray_file", f"not a class {'tar' if kind == 'class-tars' else 'folder'}")
+                    what = {"class-tars": "class tar", "webdataset": "WebDataset shard (.tar)"}.get(kind,
+                                                                                                  "class folder")
+                    rejects.add(child.uri, "stray_file", f"not a {what}")
     return units, rejects.table()
 
 
-def _detect(entries: list[pafs.FileInfo]) -> str:
-    tars = sum(1 for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar"))
+def _file_unit(source: str, layout: str, label_field: str | None) -> ListingUnit:
+    """A file given as --src: a list file, or one tar (a WebDataset shard, or one class's tar)."""
+    name = posixpath.basename(source.split("?", 1)[0] if is_remote(source) else source)
+    if layout in ("auto", "list") and not name.endswith(".tar"):
+        return ListingUnit("list", source, None, None)
+    if not name.endswith(".tar") or layout in ("imagefolder", "list"):
+        raise ValueError(f"--src {source} is a file; --layout {layout} takes a folder "
+                         "(list files and .tar files are given as files)")
+    if layout == "webdataset" or (layout == "auto" and _looks_like_webdataset(source)):
+        _check_labels(Location(source), None, label_field)
+        return ListingUnit("shard", source, None, None, label_field)
+    return ListingUnit("tar", source, name[: -len(".tar")], None)
+
+
+def _detect(root: Location, entries: list[pafs.FileInfo]) -> str:
+    tars = [e for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
     folders = sum(1 for e in entries if e.type == pafs.FileType.Directory)
-    return "class-tars" if tars > folders else "imagefolder"
+    if len(tars) <= folders:
+        return "imagefolder"
+    first = root.join(posixpath.basename(tars[0].path)).uri
+    return "webdataset" if _looks_like_webdataset(first) else "class-tars"
+
+
+def _looks_like_webdataset(uri: str) -> bool:
+    """Whether the first members of this tar form WebDataset samples: a key with more than one member."""
+    return any(len(extensions) > 1 for extensions in _peek_samples(uri).values())
+
+
+def _peek_samples(uri: str) -> dict[str, set[str]]:
+    """Key → member extensions of the first few members (empty when the tar cannot be read)."""
+    samples: dict[str, set[str]] = {}
+    try:
+        with _tar_stream(uri, PEEK_BLOCK) as archive:
+            for count, member in enumerate(archive):
+                if count == PEEK_MEMBERS:
+                    break
+                if member.isfile():
+                    key, extension = webdataset_key(member.name)
+                    samples.setdefault(key, set()).add(extension)
+    except (tarfile.TarError, OSError, EOFError):
+        return {}
+    return samples
+
+
+def _check_labels(root: Location, entries: list[pafs.FileInfo] | None, label_field: str | None) -> None:
+    """Without --label-field the samples must carry a .cls member: say so before any work starts."""
+    if label_field is not None:
+        return
+    first = root.uri
+    if entries is not None:
+        tars = [e for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
+        if not tars:
+            return
+        first = root.join(posixpath.basename(tars[0].path)).uri
+    extensions = set().union(*_peek_samples(first).values())
+    if extensions and "cls" not in extensions:
+        found = ", ".join(sorted(extensions))
+        raise ValueError(f"WebDataset shards under {root.uri} have no .cls member (samples hold {found}): name the "
+                         "JSON field that holds each sample's label with --label-field")
+
+
+def webdataset_key(name: str) -> tuple[str, str]:
+    """WebDataset's convention: the key ends at the first dot of the member's base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
 def _list_dir(filesystem: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -107,7 +192,50 @@ def list_unit(unit: ListingUnit) -> Listed:
         return _list_folder(unit)
     if unit.kind == "tar":
         return _list_tar(unit)
+    if unit.kind == "shard":
+        return _list_shard(unit)
     return _list_file(unit)
+
+
+def source_uris(inputs: pa.Table) -> pa.ChunkedArray:
+    """One URI per listed row: the file's URI, or ``TAR_URI#MEMBER`` for a tar member."""
+    source, member = sources_and_members(inputs)
+    joined = pc.binary_join_element_wise(source, member, "#")
+    return pc.coalesce(joined, source)
+
+
+def sources_and_members(inputs: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The manifest's ``source`` and ``member`` of listed rows: a file's URI and null, or the tar's URI and the
+    member's name. A file's URI is its folder's with the name inserted before any ``?query`` of an object URI."""
+    parent = inputs.column("parent")
+    entry = inputs.column("entry")
+    is_member = pc.greater_equal(inputs.column("offset"), 0)
+    file_uris = pa.chunked_array(
+        [_join_files(chunk, entries) for chunk, entries in zip(parent.chunks, _aligned(entry, parent), strict=True)],
+        pa.string())
+    source = pc.if_else(is_member, pc.cast(parent, pa.string()), file_uris)
+    member = pc.if_else(is_member, entry, pa.scalar(None, pa.string()))
+    return source, member
+
+
+def _aligned(column: pa.ChunkedArray, like: pa.ChunkedArray) -> list[pa.Array]:
+    """``column`` cut into the chunk lengths of ``like``."""
+    pieces, start = [], 0
+    for chunk in like.chunks:
+        pieces.append(column.slice(start, len(chunk)).combine_chunks())
+        start += len(chunk)
+    return pieces
+
+
+def _join_files(parents: pa.DictionaryArray, entries: pa.Array) -> pa.Array:
+    prefixes, suffixes = [], []
+    for folder in parents.dictionary.to_pylist():  # one per folder, not per input
+        base, query = (folder.split("?", 1) + [""])[:2] if is_remote(folder) else (folder, "")
+        prefixes.append(base + "/")
+        suffixes.append("?" + query if query else "")
+    prefix = pa.DictionaryArray.from_arrays(parents.indices, pa.array(prefixes, pa.string()))
+    suffix = pa.DictionaryArray.from_arrays(parents.indices, pa.array(suffixes, pa.string()))
+    return pc.binary_join_element_wise(pc.cast(prefix, pa.string()), entries, pc.cast(suffix, pa.string()), "")
 
 
 class _RejectBuilder:
@@ -124,24 +252,35 @@ class _RejectBuilder:
 
 
 class _InputBuilder:
+    """Rows of one unit (a class folder or a tar: thousands of rows, not millions)."""
+
     def __init__(self, class_name: str | None, split: str | None) -> None:
         self.class_name = class_name
         self.split = split
         self.rows: dict[str, list] = {name: [] for name in INPUTS_SCHEMA.names}
 
-    def add(self, source: str, member: str | None, offset: int, size: int, name: str,
-            class_name: str | None = None, split: str | None = None) -> None:
+    def add(self, parent: str, entry: str, offset: int, size: int, class_name: str | None = None) -> None:
         row = self.rows
-        row["source"].append(source)
-        row["member"].append(member)
+        row["parent"].append(parent)
+        row["entry"].append(entry)
         row["offset"].append(offset)
         row["size"].append(size)
-        row["name"].append(name)
         row["class"].append(class_name if class_name is not None else self.class_name)
-        row["split"].append(split if split is not None else self.split)
+        row["split"].append(self.split)
 
     def table(self) -> pa.Table:
-        return pa.table(self.rows, schema=INPUTS_SCHEMA)
+        return _encoded(pa.table(self.rows, schema=_PLAIN_INPUTS))
+
+
+def _encoded(table: pa.Table) -> pa.Table:
+    """``table`` with plain string columns where INPUTS_SCHEMA wants dictionaries, dictionary-encoded."""
+    columns = []
+    for field in INPUTS_SCHEMA:
+        column = table.column(field.name)
+        if pa.types.is_dictionary(field.type) and not pa.types.is_dictionary(column.type):
+            column = pc.dictionary_encode(pc.cast(column, pa.string()))
+        columns.append(pc.cast(column, field.type))
+    return pa.table(columns, schema=INPUTS_SCHEMA)
 
 
 def _is_image_name(name: str) -> bool:
@@ -156,25 +295,39 @@ def _list_folder(unit: ListingUnit) -> Listed:
         if info.type != pafs.FileType.File:
             continue
         relative = posixpath.relpath(info.path, path)
-        name = posixpath.basename(info.path)
-        source = loc.join(relative).uri
+        folder, name = posixpath.split(relative)
+        parent = loc.join(folder).uri if folder else loc.uri
         if _is_image_name(name) and not name.startswith("."):
-            inputs.add(source, None, -1, info.size, name)
+            inputs.add(parent, name, -1, info.size)
         else:
-            rejects.add(source, "stray_file", "not an image file name")
+            rejects.add(loc.join(relative).uri, "stray_file", "not an image file name")
     table = inputs.table()
     if table.num_rows == 0:
         rejects.add(unit.uri, "empty_class", "class folder holds no image")
     return Listed(table, rejects.table())
 
 
+@contextlib.contextmanager
+def _tar_stream(uri: str, block: int = STREAM_BLOCK) -> Iterator[tarfile.TarFile]:
+    """A tar read front to back in ``block``-sized reads (one ranged GET each on object storage)."""
+    filesystem, path = Location(uri).resolve()
+    with filesystem.open_input_stream(path, compression=None, buffer_size=block) as handle, \
+            tarfile.open(fileobj=handle, mode="r|", bufsize=PEEK_BLOCK) as archive:
+        yield archive
+
+
 def _list_tar(unit: ListingUnit) -> Listed:
-    filesystem, path = Location(unit.uri).resolve()
     inputs, rejects = _InputBuilder(unit.class_name, unit.split), _RejectBuilder()
     try:
-        with filesystem.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+        with _tar_stream(unit.uri) as archive:
             for member in archive:
-                _list_tar_member(unit.uri, member, inputs, rejects)
+                if not _safe_member(unit.uri, member, rejects):
+                    continue
+                base = posixpath.basename(member.name)
+                if _is_image_name(base) and not base.startswith("."):
+                    inputs.add(unit.uri, member.name, member.offset_data, member.size)
+                else:
+                    rejects.add(f"{unit.uri}#{member.name}", "stray_file", "not an image file name")
     except (tarfile.TarError, OSError, EOFError) as error:
         rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
     table = inputs.table()
@@ -183,12 +336,12 @@ def _list_tar(unit: ListingUnit) -> Listed:
     return Listed(table, rejects.table())
 
 
-def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, rejects: _RejectBuilder) -> None:
+def _safe_member(uri: str, member: tarfile.TarInfo, rejects: _RejectBuilder) -> bool:
+    """Regular files with relative names inside the tar; anything else is recorded and never read."""
     name = member.name
-    source = f"{uri}#{name}"
     parts = name.replace("\\", "/").split("/")
     if member.isdir():
-        return
+        return False
     if not member.isfile() or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         if member.issym() or member.islnk():
             kind = "link"
@@ -196,42 +349,131 @@ def _list_tar_member(uri: str, member: tarfile.TarInfo, inputs: _InputBuilder, r
             kind = "device or special file"
         else:
             kind = "path"
-        rejects.add(source, "unsafe_tar_member", f"unsafe {kind}: never read")
+        rejects.add(f"{uri}#{name}", "unsafe_tar_member", f"unsafe {kind}: never read")
+        return False
+    return True
+
+
+def _list_shard(unit: ListingUnit) -> Listed:
+    """A WebDataset shard: one input per sample (its image member, read in place later), labelled."""
+    inputs, rejects = _InputBuilder(None, unit.split), _RejectBuilder()
+    sample: list[tuple[tarfile.TarInfo, str, bytes | None]] = []
+    key = None
+    try:
+        with _tar_stream(unit.uri) as archive:
+            for member in archive:
+                if not _safe_member(unit.uri, member, rejects):
+                    continue
+                member_key, extension = webdataset_key(member.name)
+                if member_key != key:
+                    _add_sample(unit, key, sample, inputs, rejects)
+                    key, sample = member_key, []
+                wanted = extension == "cls" if unit.label_field is None else extension == "json"
+                data = None
+                if wanted and member.size <= MAX_LABEL_MEMBER:
+                    data = archive.extractfile(member).read()
+                sample.append((member, extension, data))
+            _add_sample(unit, key, sample, inputs, rejects)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
+    return Listed(inputs.table(), rejects.table())
+
+
+def _add_sample(unit: ListingUnit, key: str | None, members: list[tuple[tarfile.TarInfo, str, bytes | None]],
+                inputs: _InputBuilder, rejects: _RejectBuilder) -> None:
+    if key is None:
         return
-    base = parts[-1]
-    if _is_image_name(base) and not base.startswith("."):
-        inputs.add(uri, name, member.offset_data, member.size, base)
-    else:
-        rejects.add(source, "stray_file", "not an image file name")
+    images = [member for member, extension, _ in members if "." + extension in IMAGE_EXTENSIONS]
+    if not images:
+        rejects.add(f"{unit.uri}#{members[0][0].name}", "stray_file", f"sample {key} has no image member")
+        return
+    label = _sample_label(members, unit.label_field)
+    if label is None:
+        where = f"JSON field {unit.label_field!r}" if unit.label_field else ".cls member"
+        rejects.add(f"{unit.uri}#{images[0].name}", "no_label", f"sample {key} has no usable {where}")
+        return
+    inputs.add(unit.uri, images[0].name, images[0].offset_data, images[0].size, class_name=label)
+
+
+def _sample_label(members: list[tuple[tarfile.TarInfo, str, bytes | None]], field: str | None) -> str | None:
+    for _, extension, data in members:
+        if data is None:
+            continue
+        try:
+            if field is None:
+                return str(int(data.decode("ascii").strip()))
+            value = json.loads(data).get(field) if extension == "json" else None
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return None
+        if value is None or isinstance(value, (dict, list)) or str(value) == "":
+            return None
+        return str(value)
+    return None
 
 
 def _list_file(unit: ListingUnit) -> Listed:
+    """A CSV or Parquet list, read in batches straight into the compact input table."""
     loc = Location(unit.uri)
     filesystem, path = loc.resolve()
+    base = posixpath.dirname(loc.uri.split("?", 1)[0] if is_remote(loc.uri) else loc.uri)
+    parts, rejects = [], []
+    for batch in _list_batches(filesystem, path, unit.uri):
+        table, rejected = _list_rows(batch, base, unit.uri)
+        parts.append(table)
+        rejects.append(rejected)
+    if not parts:
+        return Listed(INPUTS_SCHEMA.empty_table(), _RejectBuilder().table())
+    inputs = pa.concat_tables(parts).unify_dictionaries()
+    return Listed(inputs, pa.concat_tables(rejects))
+
+
+def _list_batches(filesystem: pafs.FileSystem, path: str, uri: str) -> Iterator[pa.RecordBatch]:
+    """The list's path, label (and split) columns, in batches of strings."""
     with filesystem.open_input_file(path) as handle:
-        table = pq.read_table(handle) if path.endswith(".parquet") else pacsv.read_csv(handle)
-    column = "path" if "path" in table.column_names else "uri" if "uri" in table.column_names else None
-    if column is None or "label" not in table.column_names:
-        raise ValueError(f"list file {unit.uri}: needs a 'path' (or 'uri') column and a 'label' column")
-    base = posixpath.dirname(loc.uri.split("?", 1)[0])
-    paths = pc.cast(table.column(column), pa.string())
-    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
-    sources = pc.if_else(absolute, paths, pc.binary_join_element_wise(base, paths, "/"))
-    count = table.num_rows
-    if "split" in table.column_names:
-        splits = pc.cast(table.column("split"), pa.string())
+        if path.endswith(".parquet"):
+            parquet = pq.ParquetFile(handle)
+            columns = _list_columns(parquet.schema_arrow.names, uri)
+            yield from parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=columns)
+            return
+        names = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 20)).schema.names
+    columns = _list_columns(names, uri)
+    with filesystem.open_input_file(path) as handle:
+        reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=16 << 20),
+                                convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                                     column_types=dict.fromkeys(columns, pa.string())))
+        yield from reader
+
+
+def _list_columns(names: list[str], uri: str) -> list[str]:
+    path = "path" if "path" in names else "uri" if "uri" in names else None
+    if path is None or "label" not in names:
+        raise ValueError(f"list file {uri}: needs a 'path' (or 'uri') column and a 'label' column")
+    return [path, "label"] + (["split"] if "split" in names else [])
+
+
+def _list_rows(batch: pa.RecordBatch, base: str, uri: str) -> tuple[pa.Table, pa.Table]:
+    paths = pc.cast(batch.column(0), pa.string())
+    labels = pc.cast(batch.column(1), pa.string())
+    count = batch.num_rows
+    if batch.num_columns > 2:
+        splits = pc.cast(batch.column(2), pa.string())
+        splits = pc.if_else(pc.equal(pc.utf8_trim_whitespace(splits), ""), pa.scalar(None, pa.string()), splits)
         unknown = pc.unique(pc.filter(splits, pc.invert(pc.is_in(splits, pa.array(SPLIT_FOLDERS))))).to_pylist()
-        if unknown:
-            raise ValueError(f"list file {unit.uri}: split must be one of {SPLIT_FOLDERS}, found {unknown[:5]}")
+        if [value for value in unknown if value is not None]:
+            raise ValueError(f"list file {uri}: split must be one of {SPLIT_FOLDERS} (or empty), found {unknown[:5]}")
     else:
         splits = pa.nulls(count, pa.string())
-    columns = {
-        "source": sources,
-        "member": pa.nulls(count, pa.string()),
-        "offset": pa.array([-1] * count, pa.int64()),
-        "size": pa.array([-1] * count, pa.int64()),
-        "name": pc.replace_substring_regex(paths, r"^.*/", ""),
-        "class": pc.cast(table.column("label"), pa.string()),
-        "split": splits,
-    }
-    return Listed(pa.table(columns, schema=INPUTS_SCHEMA), _RejectBuilder().table())
+    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
+    if pc.all(absolute).as_py() is not True:
+        paths = pc.if_else(absolute, paths, pc.binary_join_element_wise(base, paths, "/"))
+    parts = pc.extract_regex(paths, r"^(?P<parent>.*)/(?P<entry>[^/]*)$")
+    parent = pc.fill_null(parts.field("parent"), "")
+    entry = pc.coalesce(parts.field("entry"), paths)
+    unknown_size = pa.repeat(pa.scalar(-1, pa.int64()), count)
+    table = pa.table({"parent": parent, "entry": entry, "offset": unknown_size, "size": unknown_size,
+                      "class": labels, "split": splits})
+    rejected = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(labels), ""), True)
+    missing = pc.sum(rejected).as_py() or 0
+    rejects = pa.table({"source": pc.filter(paths, rejected), "reason": pa.repeat(pa.scalar("no_label"), missing),
+                        "detail": pa.repeat(pa.scalar("the list gives no label"), missing)}, schema=REJECTS_SCHEMA)
+    return _encoded(table.filter(pc.invert(rejected)) if missing else table), rejects
