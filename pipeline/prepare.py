@@ -1,39 +1,59 @@
 """`cli.py prepare`: list → plan → write shards (in parallel) → manifest, rejects, classes, card.
 
 Orchestration only: what to do and in which order; the work itself lives in ``listing``,
-``plan`` and ``shard``, the scheduling in ``distributor``.
+``plan`` and ``shard``, the scheduling in ``distributor``. The driver holds the compact plan of
+every input (``plan.Plan``) and nothing per input beyond it: shard tasks are made one at a time as
+workers free up, and the manifest is written shard by shard.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, STATUS_SCHEMA
+from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION
 
 from . import __version__, decompose, encode, resize
 from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
-from .plan import Plan, PlanOptions, make_plan, source_uris
+from .plan import Plan, PlanOptions, ShardRange, make_plan
 from .shard import (
     SampleEncoder,
     SampleSpec,
     ShardTask,
+    sample_member_bytes,
     stats_location,
     status_location,
     sub_dataset_names,
     write_shard,
 )
-from .storage import Location, exists, read_bytes, read_json, write_bytes, write_json
+from .storage import Location, atomic_output, exists, read_json, write_json
+
+MAX_REJECT_FRACTION = 0.5  # default of --max-reject-fraction
+ESTIMATE_SAMPLES = 32  # images encoded to estimate the bytes of a sample (and so the shard size)
+ESTIMATE_ATTEMPTS = 256  # planned inputs tried for them before giving up
+_LISTING_GROUP = 512  # listed units whose tables are combined into one chunk as they arrive
+
+# What changes each reject reason, for the line that stops a run with too many rejects.
+REJECT_HINTS = {
+    "too_small": "--min-side {min_side} sets the limit",
+    "too_large": "the limit is {max_pixels} pixels per image (decompression bombs)",
+    "below_min_per_class": "--min-per-class {min_per_class} sets the limit",
+    "stray_file": "check --src and --layout {layout}",
+    "empty_class": "check --src and --layout {layout}",
+    "no_label": "check the list's label column or --label-field",
+    "duplicate_input": "the sources list these inputs more than once",
+    "unsafe_tar_member": "these tars hold links, devices or paths outside the tar",
+}
+DAMAGED_HINT = "the inputs themselves cannot be read as images"
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,11 @@ class PrepareOptions:
     layout: str
     spec: SampleSpec
     plan: PlanOptions
+    label_field: str | None = None  # webdataset layout: the JSON field holding the label (None: .cls)
+
+
+class TooManyRejects(ValueError):
+    """The run finished, but wrote nothing or rejected more than --max-reject-fraction of its inputs."""
 
 
 def validate(options: PrepareOptions) -> None:
@@ -61,14 +86,18 @@ def validate(options: PrepareOptions) -> None:
         raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {options.layout!r}")
     if options.plan.val_per_class < 0 or options.plan.min_per_class < 0:
         raise ValueError("--val-per-class and --min-per-class must be ≥ 0")
+    if options.plan.shard_size is not None and options.plan.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {options.plan.shard_size}")
+    if options.plan.shard_bytes < 1:
+        raise ValueError(f"--shard-bytes must be positive, got {options.plan.shard_bytes}")
 
 
 def output_parameters(options: PrepareOptions) -> dict:
     """Everything that changes the output's bytes; a rerun against an existing --out must match it."""
     spec = asdict(options.spec)
     spec["limits"] = asdict(options.spec.limits)
-    return {"sources": list(options.sources), "layout": options.layout, "spec": spec, "plan": asdict(options.plan),
-            "schema_version": SCHEMA_VERSION}
+    return {"sources": list(options.sources), "layout": options.layout, "label_field": options.label_field,
+            "spec": spec, "plan": asdict(options.plan), "schema_version": SCHEMA_VERSION}
 
 
 def pil_flavour() -> str:
@@ -78,9 +107,16 @@ def pil_flavour() -> str:
 
 
 def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
-            executor: str = "ray", log: Callable[[str], None] = print) -> dict:
-    """Run the whole command; returns the summary (the dataset card plus run timings)."""
+            executor: str = "ray", max_reject_fraction: float = MAX_REJECT_FRACTION,
+            log: Callable[[str], None] = print) -> dict:
+    """Run the whole command; returns the summary (the dataset card plus run timings).
+
+    Raises ``TooManyRejects`` (after writing everything but the card) when the run wrote nothing or
+    rejected more than ``max_reject_fraction`` of its inputs.
+    """
     validate(options)
+    if not 0 <= max_reject_fraction <= 1:
+        raise ValueError(f"--max-reject-fraction must be within 0..1, got {max_reject_fraction}")
     out = Location(options.out)
     params = output_parameters(options)
     work = out.join("_work")
@@ -91,35 +127,47 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
             log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
                 "sub-datasets; nothing to do")
             return card
-    units = plan_units(list(options.sources), options.layout)  # checks the sources before starting Ray
+    # Checks the sources before starting Ray.
+    units, top_rejects = plan_units(list(options.sources), options.layout, options.label_field)
     started = time.perf_counter()
-    runner = RayRunner(num_workers, ray_address) if executor == "ray" and not dry_run else None
+    parallel_listing = any(unit.kind != "list" for unit in units)
+    use_ray = executor == "ray" and (not dry_run or parallel_listing)
+    runner = RayRunner(num_workers, ray_address) if use_ray else None
     startup = time.perf_counter() - started
     mapper = runner.map if runner else run_serial
     try:
-        inputs, listing_rejects = _listing(options, units, work, mapper, cache=not dry_run)
+        inputs, listing_rejects = _listing(options, units, top_rejects, work, mapper, cache=not dry_run)
         plan = make_plan(inputs, options.plan)
+        shard_size, estimate = _shard_size(options, plan, work, cache=not dry_run)
         if dry_run:
-            return _dry_run(options, plan, listing_rejects, log)
-        tasks = _shard_tasks(options, out, plan)
-        pending = [task for task in tasks if not exists(stats_location(out, task.split, task.shard))]
+            return _dry_run(options, plan, listing_rejects, shard_size, estimate,
+                            runner.parallelism if runner and parallel_listing else 1, log)
+        shards = plan.shards(shard_size)
+        pending = [shard for shard in shards if not exists(stats_location(out, shard.split, shard.shard))]
         if ".post" not in pil_flavour():
             log("prepare: note: plain Pillow is loaded, not pillow-simd (resize is several times slower); "
                 "scripts/setup.sh installs pillow-simd")
-        log(f"prepare: {plan.rows.num_rows} images, {len(plan.classes)} classes → {options.spec.split} sub-datasets "
-            f"under {out.uri}; {len(pending)} shard(s) to write, {runner.parallelism if runner else 1} worker(s), "
-            f"{pil_flavour()}, JPEG encoder {encode.jpeg_library()}")
+        log(f"prepare: {plan.num_rows} images, {len(plan.classes)} classes → {options.spec.split} sub-datasets "
+            f"under {out.uri}; shards of {shard_size}: {len(pending)} shard(s) to write, "
+            f"{runner.parallelism if runner else 1} worker(s), {pil_flavour()}, JPEG encoder {encode.jpeg_library()}")
+        tasks = (ShardTask(out, shard.split, shard.shard, plan.shard_rows(shard, shard_size), options.spec)
+                 for shard in pending)  # made one at a time, as workers free up
         work_started = time.perf_counter()
-        seconds = _run_shards(mapper, pending)
+        totals = _run_shards(mapper, tasks, sum(shard.end - shard.start for shard in pending))
         elapsed = time.perf_counter() - work_started
     finally:
         if runner:
             runner.shutdown()
-    card = _finalise(options, out, plan, listing_rejects)
-    images = sum(task.rows.num_rows for task in pending)
+    card, examples = _finalise(options, out, plan, shards, shard_size, listing_rejects)
+    images = sum(shard.end - shard.start for shard in pending)
     summary = {**card, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
-                               "images_per_second": images / elapsed if elapsed else 0.0, "stage_seconds": seconds}}
+                               "images_per_second": images / elapsed if elapsed > 0 else None,
+                               "requests": totals["requests"], "stage_seconds": totals["seconds"]}}
+    failure = reject_failure(card, max_reject_fraction, options, examples)
     log(format_summary(summary))
+    if failure:
+        raise TooManyRejects(failure)
+    write_json(out.join("dataset.json"), card)
     return summary
 
 
@@ -148,91 +196,154 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _listing(options: PrepareOptions, units: tuple[list[ListingUnit], pa.Table], work: Location, mapper: Callable,
-             cache: bool) -> tuple[pa.Table, pa.Table]:
+def _list_numbered(item: tuple[int, ListingUnit]) -> tuple[int, Listed]:
+    """A listing task that says which unit it listed (Ray returns results as they finish)."""
+    number, unit = item
+    return number, list_unit(unit)
+
+
+def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.Table, work: Location,
+             mapper: Callable, cache: bool) -> tuple[pa.Table, pa.Table]:
+    """Every unit's inputs, in unit order: list files streamed here, folders and tars listed by the workers."""
     inputs_at, rejects_at = work.join("inputs.parquet"), work.join("listing_rejects.parquet")
     if cache and exists(inputs_at) and exists(rejects_at):
-        return _read_parquet(inputs_at), _read_parquet(rejects_at)
-    units, top_rejects = units
-    listed: list[Listed] = list(mapper(list_unit, units))
-    inputs = pa.concat_tables([item.inputs for item in listed]) if listed else None
+        return read_table(inputs_at), read_table(rejects_at)
+    listed: dict[int, Listed] = {number: list_unit(unit) for number, unit in enumerate(units) if unit.kind == "list"}
+    remote = [(number, unit) for number, unit in enumerate(units) if unit.kind != "list"]
+    listed.update(mapper(_list_numbered, remote))
+    # Units finish in any order on Ray; unit order makes every table independent of scheduling.
+    numbers = sorted(listed)
+    groups = [numbers[i : i + _LISTING_GROUP] for i in range(0, len(numbers), _LISTING_GROUP)]
+    inputs = pa.concat_tables(
+        [pa.concat_tables([listed[n].inputs for n in group]).unify_dictionaries().combine_chunks() for group in groups]
+    ).unify_dictionaries() if groups else None
     if inputs is None or inputs.num_rows == 0:
         raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
-    rejects = pa.concat_tables([top_rejects, *[item.rejects for item in listed]])
-    # Units finish in any order on Ray; sorting makes every table independent of scheduling.
-    inputs = inputs.sort_by([("source", "ascending"), ("member", "ascending")])
-    rejects = rejects.sort_by([("source", "ascending")])
+    rejects = pa.concat_tables([top_rejects, *[listed[n].rejects for n in numbers]])
+    del listed
     if cache:
-        _write_parquet(inputs_at, inputs)
-        _write_parquet(rejects_at, rejects)
+        write_table(inputs_at, inputs)
+        write_table(rejects_at, rejects)
     return inputs, rejects
 
 
-def _shard_tasks(options: PrepareOptions, out: Location, plan: Plan) -> Iterator[ShardTask]:
-    rows = plan.rows  # sorted by (split, shard, position): each shard is one contiguous slice
-    split_code = pc.equal(rows.column("split"), "val").to_numpy(zero_copy_only=False).astype(np.int64)
-    shard_id = split_code << 32 | rows.column("shard").to_numpy().astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, shard_id[1:] != shard_id[:-1]]) if len(shard_id) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(shard_id)]
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        split = "val" if split_code[start] else "train"
-        yield ShardTask(out, split, int(shard_id[start] & 0xFFFFFFFF), rows.slice(start, end - start), options.spec)
+def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int, dict]:
+    """``--shard-size``, or the number of samples that makes one tar of one sub-dataset about ``--shard-bytes``.
+
+    The estimate encodes a few planned images. A run keeps its first estimate in ``_work/shard_size.json``, so
+    a rerun (even on a machine whose Pillow resizes a little differently) cuts the same shards.
+    """
+    at = work.join("shard_size.json")
+    if options.plan.shard_size is None and cache and exists(at):
+        recorded = read_json(at)
+        return recorded["shard_size"], recorded["estimate"]
+    estimate = estimate_sample_bytes(options, plan)
+    if options.plan.shard_size is not None:
+        return options.plan.shard_size, estimate
+    if not estimate["samples"]:
+        raise ValueError(f"none of the first {estimate['tried']} planned inputs could be read and encoded to size "
+                         "the shards; check the inputs, or give --shard-size")
+    size = _two_digits(max(1, int(options.plan.shard_bytes // estimate["bytes_per_sample_per_sub_dataset"])))
+    if cache:
+        write_json(at, {"shard_size": size, "estimate": estimate})
+    return size, estimate
 
 
-def _run_shards(mapper: Callable, tasks: list[ShardTask]) -> dict[str, float]:
+def _two_digits(count: int) -> int:
+    """``count`` rounded down to two significant digits (48,731 → 48,000): round shard sizes, stable estimates."""
+    unit = 10 ** max(0, len(str(count)) - 2)
+    return count // unit * unit
+
+
+def estimate_sample_bytes(options: PrepareOptions, plan: Plan) -> dict:
+    """Encode the first planned images (a seeded random sample) and measure their bytes in a tar, members and
+    headers included: ``{"bytes_per_sample_per_sub_dataset", "samples", "tried"}``."""
+    from .decode import RejectedInput
+    from .reader import SourceReader
+
+    reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
+    tried = min(plan.num_rows, ESTIMATE_ATTEMPTS)
+    rows = plan.shard_rows(ShardRange("train", 0, 0, tried), max(1, tried)).to_pylist() if tried else []
+    for row in rows:
+        try:
+            images, width, height = sample_encoder(reader.read(row["source"], row["offset"], row["size"]))
+        except (RejectedInput, OSError):
+            continue
+        sizes.append(sum(sample_member_bytes(options.spec, row, image, width, height) for image in images)
+                     / len(images))
+        if len(sizes) == ESTIMATE_SAMPLES:
+            break
+    reader.close()
+    return {"bytes_per_sample_per_sub_dataset": sum(sizes) / len(sizes) if sizes else None, "samples": len(sizes),
+            "tried": tried}
+
+
+def _run_shards(mapper: Callable, tasks: Iterable[ShardTask], total: int) -> dict:
     from tqdm import tqdm
 
     seconds: Counter = Counter()
-    total = sum(task.rows.num_rows for task in tasks)
+    requests = 0
     with tqdm(total=total, unit="img", desc="prepare", file=sys.stderr, dynamic_ncols=True,
               disable=None if total else True) as bar:
         for stats in mapper(write_shard, tasks):
             seconds.update(stats["seconds"])
+            requests += stats["requests"]
             bar.update(stats["samples"] + stats["rejected"])
-    return dict(seconds)
+    return {"seconds": dict(seconds), "requests": requests}
 
 
-def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_rejects: pa.Table) -> dict:
+def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[ShardRange], shard_size: int,
+              listing_rejects: pa.Table) -> tuple[dict, dict[str, str]]:
+    """Manifest, rejects and class table from the shards' status files, one shard at a time.
+
+    Returns the card (not written yet) and the first reject's detail for each reason.
+    """
     spec = options.spec
-    rows = plan.rows
-    shards = _shard_index(rows)
-    statuses = pa.concat_tables(
-        [_read_parquet(status_location(out, split, shard)) for split, shard in shards]
-    ) if shards else STATUS_SCHEMA.empty_table()
-    if not statuses.column("key").equals(rows.column("key")):
-        raise RuntimeError("shard status tables do not match the plan; delete OUT/stats and rerun")
-    manifest = pa.table(
-        {
-            **{name: rows.column(name) for name in ("key", "label", "class", "split", "shard", "position", "source",
-                                                     "member")},
-            "width": statuses.column("width"),
-            "height": statuses.column("height"),
-            "status": statuses.column("status"),
-            "reason": statuses.column("reason"),
-        },
-        schema=MANIFEST_SCHEMA,
-    )
-    rejected = manifest.filter(pc.equal(manifest.column("status"), "rejected"))
-    rejected_sources = source_uris(rejected)
-    failed = statuses.filter(pc.equal(statuses.column("status"), "rejected"))
-    rejects = pa.concat_tables(
-        [listing_rejects, plan.rejects,
-         pa.table({"source": rejected_sources, "reason": failed.column("reason"), "detail": failed.column("detail")},
-                  schema=REJECTS_SCHEMA)]
-    ).sort_by([("source", "ascending"), ("reason", "ascending")])
-    written = manifest.filter(pc.equal(manifest.column("status"), "written"))
-    classes = _class_table(plan.classes, written)
-    stats = [read_json(stats_location(out, split, shard)) for split, shard in shards]
-    per_sub = [sum(s["bytes"][k] for s in stats) for k in range(spec.split)]
-    listed = rows.num_rows + plan.rejects.num_rows + listing_rejects.num_rows
-    if written.num_rows + rejects.num_rows != listed:
-        raise RuntimeError(f"counts do not reconcile: {listed} listed, {written.num_rows} written, "
+    written_per_class = {split: np.zeros(len(plan.classes), dtype=np.int64) for split in ("train", "val")}
+    shard_rejects = []
+    per_sub = np.zeros(spec.split, dtype=np.int64)
+    samples = Counter()
+    with atomic_output(out.join("manifest.parquet")) as stream, pq.ParquetWriter(stream, MANIFEST_SCHEMA) as writer:
+        for shard in shards:
+            rows = plan.shard_rows(shard, shard_size)
+            status = read_table(status_location(out, shard.split, shard.shard))
+            if not status.column("key").equals(rows.column("key")):
+                raise RuntimeError("shard status tables do not match the plan; delete OUT/stats and rerun")
+            writer.write_table(pa.table(
+                {**{name: rows.column(name) for name in ("key", "label", "class", "split", "shard", "position",
+                                                         "source", "member")},
+                 **{name: status.column(name) for name in ("width", "height", "status", "reason")}},
+                schema=MANIFEST_SCHEMA))
+            written = pc.equal(status.column("status"), "written").to_numpy(zero_copy_only=False)
+            labels = rows.column("label").to_numpy()
+            written_per_class[shard.split] += np.bincount(labels[written], minlength=len(plan.classes))
+            if not written.all():
+                failed = rows.filter(pa.array(~written))
+                sources = pc.coalesce(pc.binary_join_element_wise(failed.column("source"), failed.column("member"),
+                                                                  "#"), failed.column("source"))
+                bad = status.filter(pa.array(~written))
+                shard_rejects.append(pa.table({"source": sources, "reason": bad.column("reason"),
+                                               "detail": bad.column("detail")}, schema=REJECTS_SCHEMA))
+            stats = read_json(stats_location(out, shard.split, shard.shard))
+            per_sub += np.asarray(stats["bytes"], dtype=np.int64)
+            samples[shard.split] += stats["samples"]
+    rejects = pa.concat_tables([listing_rejects, plan.rejects, *shard_rejects]).sort_by(
+        [("source", "ascending"), ("reason", "ascending")])
+    written_total = int(sum(samples.values()))
+    listed = plan.num_rows + plan.rejects.num_rows + listing_rejects.num_rows
+    if written_total + rejects.num_rows != listed:
+        raise RuntimeError(f"counts do not reconcile: {listed} listed, {written_total} written, "
                            f"{rejects.num_rows} rejected")
-    _write_parquet(out.join("manifest.parquet"), manifest)
-    _write_parquet(out.join("rejects.parquet"), rejects)
-    _write_parquet(out.join("classes.parquet"), classes)
+    write_table(out.join("rejects.parquet"), rejects)
+    classes = pa.table({"index": np.arange(len(plan.classes), dtype=np.int32), "name": plan.classes,
+                        **written_per_class}, schema=CLASSES_SCHEMA)
+    write_table(out.join("classes.parquet"), classes)
     scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
-    card = {
+    reasons = pc.value_counts(rejects.column("reason")) if rejects.num_rows else None
+    firsts = rejects.group_by("reason", use_threads=False).aggregate([("detail", "first")])
+    examples = dict(zip(firsts.column("reason").to_pylist(), firsts.column("detail_first").to_pylist(), strict=True))
+    total_bytes = int(per_sub.sum())
+    return {
         "schema": "subspectral-dataset",
         "schema_version": SCHEMA_VERSION,
         "tool_version": __version__,
@@ -245,8 +356,10 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
         "dct_scale": scale,
         "format": spec.image_format,
         "quality": spec.quality,
+        "sample_json": spec.sample_json,
         "seed": options.plan.seed,
-        "shard_size": options.plan.shard_size,
+        "shard_size": shard_size,
+        "shard_bytes": None if options.plan.shard_size is not None else options.plan.shard_bytes,
         "val_per_class": options.plan.val_per_class,
         "min_per_class": options.plan.min_per_class,
         "min_side": spec.limits.min_side,
@@ -254,107 +367,140 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, listing_reject
         "num_classes": len(plan.classes),
         "class_table_sha256": class_table_sha256(plan.classes),
         "sub_datasets": sub_dataset_names(spec.split),
-        "splits": {
-            split: {"shards": sum(1 for s, _ in shards if s == split),
-                    "samples": sum(st["samples"] for st in stats if st["split"] == split)}
-            for split in ("train", "val")
-        },
+        "splits": {split: {"shards": sum(1 for s in shards if s.split == split), "samples": samples[split]}
+                   for split in ("train", "val")},
         "counts": {
             "inputs": listed,
-            "written": written.num_rows,
+            "written": written_total,
             "rejected": rejects.num_rows,
-            "rejected_by_reason": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
+            "rejected_by_reason": dict(sorted(zip(reasons.field("values").to_pylist(),
+                                                  reasons.field("counts").to_pylist(), strict=True)))
+            if reasons is not None else {},
+            "short_classes": short_classes(classes, options.plan),
         },
-        "bytes": {"total": sum(per_sub), "per_sub_dataset": per_sub,
-                  "per_sample_per_sub_dataset": sum(per_sub) / max(1, written.num_rows * spec.split)},
-        "source": {"uris": list(options.sources), "layout": options.layout},
+        "bytes": {"total": total_bytes, "per_sub_dataset": per_sub.tolist(),
+                  "per_sample_per_sub_dataset": total_bytes / (written_total * spec.split) if written_total else None},
+        "source": {"uris": list(options.sources), "layout": options.layout, "label_field": options.label_field},
         "pil": pil_flavour(),
-    }
-    write_json(out.join("dataset.json"), card)
-    return card
+    }, examples
+
+
+def short_classes(classes: pa.Table, plan: PlanOptions) -> dict:
+    """Classes that ended up with fewer written images than asked: ``--min-per-class`` and ``--val-per-class``
+    count listed inputs when planning (before decoding), so inputs rejected later can leave a class short.
+    ``{"below_min_per_class": [[name, written], ...], "below_val_per_class": [[name, val written], ...]}``"""
+    names = np.asarray(classes.column("name").to_pylist(), dtype=object)
+    train, val = classes.column("train").to_numpy(), classes.column("val").to_numpy()
+    below_min = np.flatnonzero(train + val < plan.min_per_class)
+    below_val = np.flatnonzero(val < plan.val_per_class) if plan.val_per_class else np.zeros(0, int)
+    return {"below_min_per_class": [[str(names[i]), int(train[i] + val[i])] for i in below_min],
+            "below_val_per_class": [[str(names[i]), int(val[i])] for i in below_val]}
+
+
+def reject_failure(card: dict, max_fraction: float, options: PrepareOptions, examples: dict[str, str]) -> str | None:
+    """The one line that stops a run which wrote nothing or rejected more than ``max_fraction`` of its inputs."""
+    counts = card["counts"]
+    inputs, rejected, written = counts["inputs"], counts["rejected"], counts["written"]
+    if written > 0 and rejected <= max_fraction * inputs:
+        return None
+    by_reason = counts["rejected_by_reason"]
+    if not by_reason:
+        return f"nothing written: {inputs} inputs"
+    reason = max(sorted(by_reason), key=by_reason.get)
+    limits = options.spec.limits
+    hint = REJECT_HINTS.get(reason, DAMAGED_HINT).format(
+        min_side=limits.min_side, max_pixels=limits.max_pixels, min_per_class=options.plan.min_per_class,
+        layout=options.layout)
+    example = examples.get(reason)
+    how = f"{rejected:,} of {inputs:,} inputs rejected"
+    if by_reason[reason] == rejected:
+        how += f" as {reason}"
+    else:
+        how += f" ({rejected / inputs:.0%} > --max-reject-fraction {max_fraction:g}), {by_reason[reason]:,} as {reason}"
+    detail = f" (e.g. {example})" if example else ""
+    return f"{how}{detail}: {hint}; see {options.out}/rejects.parquet"
 
 
 def class_table_sha256(classes: list[str]) -> str:
     return hashlib.sha256("\n".join(classes).encode()).hexdigest()
 
 
-def _shard_index(rows: pa.Table) -> list[tuple[str, int]]:
-    pairs = pa.table({"split": rows.column("split"), "shard": rows.column("shard")}).group_by(["split", "shard"])
-    table = pairs.aggregate([]).sort_by([("split", "ascending"), ("shard", "ascending")])
-    return list(zip(table.column("split").to_pylist(), table.column("shard").to_pylist(), strict=True))
-
-
-def _class_table(classes: list[str], written: pa.Table) -> pa.Table:
-    counts = written.group_by(["label", "split"]).aggregate([("key", "count")])
-    per_split = {split: np.zeros(len(classes), dtype=np.int64) for split in ("train", "val")}
-    for label, split, count in zip(*(counts.column(c).to_pylist() for c in ("label", "split", "key_count")),
-                                   strict=True):
-        per_split[split][label] = count
-    return pa.table({"index": np.arange(len(classes), dtype=np.int32), "name": classes, **per_split},
-                    schema=CLASSES_SCHEMA)
-
-
-def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, log: Callable[[str], None]) -> dict:
-    rows = plan.rows
+def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, shard_size: int, estimate: dict,
+             listing_workers: int, log: Callable[[str], None]) -> dict:
     spec = options.spec
-    splits = Counter(rows.column("split").to_pylist())
-    shards = _shard_index(rows)
-    estimate = _estimate_sample_bytes(options, rows)
+    sizes = plan.split_sizes()
+    shards = plan.shards(shard_size)
+    per_sample = estimate["bytes_per_sample_per_sub_dataset"]
+    before = pa.concat_tables([listing_rejects, plan.rejects])
+    reasons = pc.value_counts(before.column("reason")).to_pylist() if before.num_rows else []
+    planned_classes = plan.planned_per_class()
+    short_val = int(np.sum(planned_classes["val"] < options.plan.val_per_class)) if options.plan.val_per_class else 0
     planned = {
         "classes": len(plan.classes),
-        "images": dict(splits),
-        "shards": {split: sum(1 for s, _ in shards if s == split) for split in ("train", "val")},
-        "rejected_before_decoding": listing_rejects.num_rows + plan.rejects.num_rows,
+        "images": sizes,
+        "shard_size": shard_size,
+        "shards": {split: sum(1 for s in shards if s.split == split) for split in ("train", "val")},
+        "rejected_before_decoding": before.num_rows,
+        "rejected_before_decoding_by_reason": {item["values"]: item["counts"] for item in reasons},
+        "classes_below_val_per_class": short_val,
         "sub_datasets": spec.split,
-        "estimated_bytes_per_sample_per_sub_dataset": estimate,
-        "estimated_total_bytes": int(estimate * rows.num_rows * spec.split),
+        "estimated_bytes_per_sample_per_sub_dataset": per_sample,
+        "estimated_total_bytes": int(per_sample * plan.num_rows * spec.split) if per_sample else None,
+        "estimated_tar_bytes": int(per_sample * min(shard_size, max(sizes.values()))) if per_sample else None,
+        "listing_workers": listing_workers,
     }
     log(f"dry run (nothing written) for {options.out}:")
     more = " …" if len(plan.classes) > 5 else ""
     log(f"  classes: {planned['classes']} (first: {', '.join(plan.classes[:5])}{more})")
-    log(f"  images: train {splits.get('train', 0)}, val {splits.get('val', 0)}; "
-        f"rejected before decoding: {planned['rejected_before_decoding']}")
+    by_reason = ", ".join(f"{k} {v}" for k, v in planned["rejected_before_decoding_by_reason"].items())
+    log(f"  images: train {sizes['train']}, val {sizes['val']}; rejected before decoding: {before.num_rows}"
+        + (f" ({by_reason})" if by_reason else ""))
+    if short_val:
+        log(f"  warning: {short_val} classes list fewer than --val-per-class {options.plan.val_per_class} + 1 images "
+            "and get fewer val images")
+    origin = ("--shard-size" if options.plan.shard_size is not None else
+              f"about {_human(options.plan.shard_bytes)} per tar (--shard-bytes)")
     log(f"  shards per sub-dataset: train {planned['shards']['train']}, val {planned['shards']['val']} "
-        f"(--shard-size {options.plan.shard_size}) × {spec.split} sub-datasets of {spec.size}×{spec.size} "
+        f"of {shard_size} samples ({origin}) × {spec.split} sub-datasets of {spec.size}×{spec.size} "
         f"from {spec.image_size}×{spec.image_size} ({spec.resize_mode}, transform {spec.transform}, "
         f"{spec.image_format})")
-    log(f"  estimated output: {_human(planned['estimated_total_bytes'])} "
-        f"(≈{estimate:.0f} bytes per sample per sub-dataset, from {min(16, rows.num_rows)} encoded images)")
+    if per_sample:
+        log(f"  estimated output: {_human(planned['estimated_total_bytes'])}, "
+            f"{(planned['shards']['train'] + planned['shards']['val']) * spec.split} tars of up to "
+            f"{_human(planned['estimated_tar_bytes'])} (≈{per_sample:.0f} bytes per sample per sub-dataset, "
+            f"from {estimate['samples']} encoded images)")
+    else:
+        log(f"  estimated output: unknown (none of the first {estimate['tried']} planned inputs could be read)")
+    log(f"  listed {'in parallel by ' + str(listing_workers) + ' worker(s)' if listing_workers > 1 else 'here'}")
     return planned
-
-
-def _estimate_sample_bytes(options: PrepareOptions, rows: pa.Table, count: int = 16) -> float:
-    """Encode a few planned images for real; tar overhead included (3 members per sample)."""
-    from .decode import RejectedInput
-    from .reader import SourceReader
-
-    reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
-    step = max(1, rows.num_rows // count)
-    for row in rows.slice(0, rows.num_rows).take(list(range(0, rows.num_rows, step))[:count]).to_pylist():
-        try:
-            images, _, _ = sample_encoder(reader.read(row["source"], row["offset"], row["size"]))
-        except (RejectedInput, OSError):
-            continue
-        sizes += [512 + len(image) + (-len(image) % 512) + 2 * 1024 for image in images]
-    reader.close()
-    return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def format_summary(summary: dict) -> str:
     counts, run = summary["counts"], summary["run"]
+    per_sample = summary["bytes"]["per_sample_per_sub_dataset"]
+    rate = run["images_per_second"]
     lines = [
         f"done: {counts['written']} written + {counts['rejected']} rejected = {counts['inputs']} inputs "
         f"(reconciled) into {summary['split']} sub-datasets, {summary['num_classes']} classes",
         "  splits: " + ", ".join(f"{k} {v['samples']} samples / {v['shards']} shards"
                                  for k, v in summary["splits"].items()),
         f"  written: {_human(summary['bytes']['total'])} "
-        f"({summary['bytes']['per_sample_per_sub_dataset']:.0f} bytes per sample per sub-dataset)",
-        f"  throughput: {run['images_per_second']:.1f} images/s over {run['seconds']:.1f} s "
+        + (f"({per_sample:.0f} bytes per sample per sub-dataset)" if per_sample is not None else "(no sample)"),
+        f"  throughput: {f'{rate:.1f} images/s' if rate is not None else 'n/a'} over {run['seconds']:.1f} s "
         f"(+{run['startup_seconds']:.1f} s start-up); {summary['pil']}",
     ]
+    if run["images"]:
+        lines.append(f"  reads: {run['requests']} requests for {run['images']} images "
+                     f"({run['requests'] / run['images']:.2f} per image)")
     if counts["rejected_by_reason"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
                      + "  (see rejects.parquet)")
+    for field, option in (("below_min_per_class", "--min-per-class"), ("below_val_per_class", "--val-per-class")):
+        short = counts["short_classes"][field]
+        if short:
+            examples = ", ".join(f"{name} {count}" for name, count in short[:5]) + (" …" if len(short) > 5 else "")
+            lines.append(f"  warning: {len(short)} classes got fewer written {'val ' if 'val' in field else ''}"
+                         f"images than {option} asked after rejects ({examples}); classes.parquet has every count")
     stage = run.get("stage_seconds") or {}
     if stage and run["images"]:
         lines.append("  ms per image per stage (summed over workers): "
@@ -370,11 +516,13 @@ def _human(size: float) -> str:
     return f"{size:.1f} TB"
 
 
-def _read_parquet(loc: Location) -> pa.Table:
-    return pq.read_table(io.BytesIO(read_bytes(loc)))
+def read_table(loc: Location) -> pa.Table:
+    filesystem, path = loc.resolve()
+    with filesystem.open_input_file(path) as handle:
+        return pq.read_table(handle)
 
 
-def _write_parquet(loc: Location, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    write_bytes(loc, buffer.getvalue())
+def write_table(loc: Location, table: pa.Table) -> None:
+    with atomic_output(loc) as stream:
+        pq.write_table(table, stream)
+

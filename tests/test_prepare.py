@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import jsonschema
@@ -29,6 +31,7 @@ from subspectral.pipeline.prepare import PrepareOptions, prepare
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
 from subspectral.schemas import card_schema
+from subspectral.schemas.bands import decode_band
 
 
 def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",
@@ -65,9 +68,16 @@ def assert_aligned(out: Path) -> dict:
 
 
 def components_of(samples_by_sub: list[list[dict]], index: int, ext: str) -> np.ndarray:
-    return np.stack([np.load(io.BytesIO(s[index][ext])) if ext == "npy" else
-                     np.asarray(Image.open(io.BytesIO(s[index][ext])).convert("RGB"))
+    return np.stack([np.load(io.BytesIO(s[index][ext])) if ext == "npy" else _dctz(s[index][ext]) if ext == "dctz"
+                     else np.asarray(Image.open(io.BytesIO(s[index][ext])).convert("RGB"))
                      for s in samples_by_sub])
+
+
+def _dctz(data: bytes) -> np.ndarray:
+    side = math.isqrt(len(zlib.decompress(data)) // (3 * 2))  # 3 channels of int16
+    band = np.empty((side, side, 3), np.int16)
+    assert decode_band(data, band)
+    return band
 
 
 def expected_square(source: str, split: int = 36, size: int = 56) -> np.ndarray:
@@ -86,7 +96,7 @@ def pixel_shuffle(components: np.ndarray) -> np.ndarray:
 
 def test_sample_png_split36_reconstructs_bit_exactly_and_aligns(ray_local, sample_root, tmp_path):
     out = tmp_path / "out"
-    run_prepare(sample_root, out, image_format="png", shard_size=200, val_per_class=10)
+    run_prepare(sample_root, out, image_format="png", shard_size=200, val_per_class=10, sample_json=True)
     card = assert_aligned(out)
     assert card["counts"]["written"] == 600 and card["counts"]["rejected"] == 0
     assert card["splits"]["val"]["samples"] == 100
@@ -103,15 +113,15 @@ def test_sample_png_split36_reconstructs_bit_exactly_and_aligns(ray_local, sampl
     assert sum(c["train"] + c["val"] for c in classes) == 600
 
 
-@pytest.mark.parametrize("transform", ["none", "dct"])
-def test_npy_components_and_dct_bands_invert_exactly(ray_local, tmp_path, transform):
+@pytest.mark.parametrize(("transform", "image_format"), [("none", "npy"), ("dct", "npy"), ("dct", "dctz")])
+def test_npy_components_and_dct_bands_invert_exactly(ray_local, tmp_path, transform, image_format):
     root = image_folder(tmp_path / "corpus")
     out = tmp_path / "out"
-    card = run_prepare(root, out, split=4, size=40, image_format="npy", transform=transform)
+    card = run_prepare(root, out, split=4, size=40, image_format=image_format, transform=transform, sample_json=True)
     assert card["dct_scale"] == (2 if transform == "dct" else None)
     subs = [read_sub_dataset(out, name, "train") for name in card["sub_datasets"]]
     for index in range(len(subs[0])):
-        parts = components_of(subs, index, "npy")
+        parts = components_of(subs, index, image_format)
         if transform == "dct":
             assert parts.dtype == np.int16
             parts = dct_inverse(parts)
@@ -169,7 +179,7 @@ def test_real_photos(ray_local, tmp_path):
         (root / name).mkdir(parents=True)
         Image.fromarray(getattr(skimage_data, name)()).save(root / name / f"{name}.JPEG", quality=92)
     out = tmp_path / "out"
-    run_prepare(root, out, image_format="png")
+    run_prepare(root, out, image_format="png", sample_json=True)
     subs = [read_sub_dataset(out, f"sub-{k:02d}", "train") for k in range(36)]
     for index in range(4):
         meta = json.loads(subs[0][index]["json"])
@@ -246,7 +256,8 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(sample_root, tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--split", "35"), "perfect square"),
-    (("--transform", "dct"), "needs --format npy"),
+    (("--transform", "dct", "--format", "jpg"), "needs --format dctz"),
+    (("--format", "dctz"), "needs --transform dct"),
     (("--src", "/nonexistent/corpus"), "no such file or folder"),
 ])
 def test_cli_bad_options_give_one_clear_line(tmp_path, args, message):

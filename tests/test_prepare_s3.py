@@ -23,7 +23,7 @@ def test_prepare_from_s3_to_s3(s3_endpoint, tmp_path):
 
     env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     args = ("prepare", "--src", "s3://corpus/in", "--out", "s3://work/sub4", "--split", "4", "--size", "24",
-            "--shard-size", "8", "--num-workers", "2")
+            "--shard-size", "8", "--num-workers", "2", "--sample-json")
     result = run_cli(*args, env=env)
     assert "18 written + 0 rejected = 18 inputs" in result.stdout
 
