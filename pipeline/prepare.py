@@ -120,6 +120,8 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     out = Location(options.out)
     params = output_parameters(options)
     work = out.join("_work")
+    # Checks the sources (and a WebDataset source's labels) before claiming --out or starting Ray.
+    units, top_rejects = plan_units(list(options.sources), options.layout, options.label_field)
     if not dry_run:
         _claim_output(out, params)
         if exists(out.join("dataset.json")):
@@ -127,8 +129,6 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
             log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
                 "sub-datasets; nothing to do")
             return card
-    # Checks the sources before starting Ray.
-    units, top_rejects = plan_units(list(options.sources), options.layout, options.label_field)
     started = time.perf_counter()
     parallel_listing = any(unit.kind != "list" for unit in units)
     use_ray = executor == "ray" and (not dry_run or parallel_listing)
@@ -227,19 +227,19 @@ def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.
     return inputs, rejects
 
 
-def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int, dict]:
+def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int, dict | None]:
     """``--shard-size``, or the number of samples that makes one tar of one sub-dataset about ``--shard-bytes``.
 
     The estimate encodes a few planned images. A run keeps its first estimate in ``_work/shard_size.json``, so
     a rerun (even on a machine whose Pillow resizes a little differently) cuts the same shards.
     """
     at = work.join("shard_size.json")
-    if options.plan.shard_size is None and cache and exists(at):
+    if options.plan.shard_size is not None:  # a real run needs no estimate then; a dry run shows one
+        return options.plan.shard_size, estimate_sample_bytes(options, plan) if not cache else None
+    if cache and exists(at):
         recorded = read_json(at)
         return recorded["shard_size"], recorded["estimate"]
     estimate = estimate_sample_bytes(options, plan)
-    if options.plan.shard_size is not None:
-        return options.plan.shard_size, estimate
     if not estimate["samples"]:
         raise ValueError(f"none of the first {estimate['tried']} planned inputs could be read and encoded to size "
                          "the shards; check the inputs, or give --shard-size")
@@ -264,6 +264,7 @@ def estimate_sample_bytes(options: PrepareOptions, plan: Plan) -> dict:
     reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
     tried = min(plan.num_rows, ESTIMATE_ATTEMPTS)
     rows = plan.shard_rows(ShardRange("train", 0, 0, tried), max(1, tried)).to_pylist() if tried else []
+    reader.expect([(row["source"], row["offset"], row["size"]) for row in rows])
     for row in rows:
         try:
             images, width, height = sample_encoder(reader.read(row["source"], row["offset"], row["size"]))

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from conftest import REPO, run_cli
-from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
+from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder, jpeg
 from PIL import Image
 from subspectral.pipeline.decompose import dct_inverse
 from subspectral.pipeline.plan import PlanOptions
-from subspectral.pipeline.prepare import PrepareOptions, prepare
+from subspectral.pipeline.prepare import PrepareOptions, prepare, reject_failure
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
 from subspectral.schemas import card_schema
@@ -265,3 +265,103 @@ def test_cli_bad_options_give_one_clear_line(tmp_path, args, message):
                      *args)), check=False)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- failing loudly, counting honestly, sizing shards (issue 10, issue 11 items 2 and 4) ------------------
+
+def tiny_corpus(root: Path, per_class: int = 3, side: int = 20) -> Path:
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{name}{i}.jpg").write_bytes(jpeg(900 + 10 * c + i, side, side))
+    return root
+
+
+def test_cli_run_that_rejects_everything_exits_2_with_one_line_and_keeps_its_shards(tmp_path):
+    """Before: exit 0, empty tars, and '64880640 bytes per sample'."""
+    root = tiny_corpus(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = ("prepare", "--src", str(root), "--out", str(out), "--split", "4", "--size", "8", "--shard-size", "2",
+            "--executor", "serial")
+    result = run_cli(*args, "--min-side", "32", check=False)
+    line = (f"prepare: error: 6 of 6 inputs rejected as too_small (e.g. 20x20 is under 32 px): --min-side 32 sets "
+            f"the limit; see {out}/rejects.parquet")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line]
+    assert "(no sample)" in result.stdout and "bytes per sample" not in result.stdout
+    assert not (out / "dataset.json").exists()
+    assert len(list((out / "stats").glob("*.json"))) == 3  # the finished shards stay
+    assert {r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()} == {"too_small"}
+    again = run_cli(*args, "--min-side", "32", check=False)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [line]
+    assert "0 shard(s) to write" in again.stdout
+    fixed = run_cli(*args, "--min-side", "16", check=False)
+    assert fixed.returncode == 2
+    assert "prepared with other options (spec.limits.min_side: 32 then, 16 now)" in fixed.stderr
+
+
+def test_reject_fraction_line_names_the_main_reason_among_several():
+    options = PrepareOptions(sources=("/c",), out="/o", layout="auto", spec=SampleSpec(),
+                             plan=PlanOptions(shard_size=None, seed=0, min_per_class=500))
+    card = {"counts": {"inputs": 5000, "written": 1900, "rejected": 3100,
+                       "rejected_by_reason": {"below_min_per_class": 2900, "truncated": 200}}}
+    examples = {"below_min_per_class": "class n1 has 12 images, fewer than --min-per-class 500", "truncated": "x"}
+    assert reject_failure(card, 0.5, options, examples) == (
+        "3,100 of 5,000 inputs rejected (62% > --max-reject-fraction 0.5), 2,900 as below_min_per_class (e.g. class n1 "
+        "has 12 images, fewer than --min-per-class 500): --min-per-class 500 sets the limit; see /o/rejects.parquet")
+    assert reject_failure(card, 0.7, options, examples) is None
+
+
+def test_cli_duplicate_list_rows_never_give_a_key_twice(tmp_path):
+    """issue 11, item 2: the same path twice in a list gave the same key twice in one tar."""
+    root = tiny_corpus(tmp_path / "c", side=40)
+    rows = ["path,label"] + [f"{c}/{c}{i}.jpg,{c}" for c in "ab" for i in range(3)] + ["a/a0.jpg,a", "b/b1.jpg,a"]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(root / "list.csv"), "--out", str(out), "--split", "4", "--size", "8",
+                     "--shard-size", "100", "--executor", "serial")
+    assert "5 written + 3 rejected = 8 inputs" in result.stdout  # a0 once more; b1 under two labels
+    with tarfile.open(out / "sub-00" / "train-000000.tar") as archive:
+        names = archive.getnames()
+    assert len(names) == len(set(names)) == 2 * 5
+    keys = pq.read_table(out / "manifest.parquet").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 5
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert sorted((Path(r["source"]).name, r["reason"]) for r in rejects) == [
+        ("a0.jpg", "duplicate_input"), ("b1.jpg", "duplicate_input"), ("b1.jpg", "duplicate_input")]
+
+
+def test_cli_warns_of_classes_left_short_after_rejects(tmp_path):
+    """issue 11, item 4: --min-per-class and --val-per-class count listed files, so rejects can leave a class short."""
+    root = tmp_path / "c"
+    lines = ["path,label,split"]
+    for c, bad in (("a", 3), ("b", 0)):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            data = jpeg(i, 60, 50)
+            (root / c / f"{c}{i}.jpg").write_bytes(data[:300] if i < bad else data)
+            lines.append(f"{c}/{c}{i}.jpg,{c},{'val' if i < 2 else 'train'}")
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(root / "list.csv"), "--out", str(out), "--split", "4", "--size", "8",
+                     "--shard-size", "100", "--min-per-class", "12", "--val-per-class", "2", "--executor", "serial")
+    assert "21 written + 3 rejected = 24 inputs" in result.stdout
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["counts"]["short_classes"] == {"below_min_per_class": [["a", 9]], "below_val_per_class": [["a", 0]]}
+    assert ("warning: 1 classes got fewer written images than --min-per-class asked after rejects (a 9)"
+            in result.stdout)
+    assert "warning: 1 classes got fewer written val images than --val-per-class asked" in result.stdout
+    classes = pq.read_table(out / "classes.parquet").to_pylist()
+    assert [(c["name"], c["train"], c["val"]) for c in classes] == [("a", 9, 0), ("b", 10, 2)]
+
+
+def test_cli_shard_size_follows_the_target_tar_size(sample_root, tmp_path):
+    out = tmp_path / "out"
+    run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--split", "4", "--size", "24",
+            "--shard-bytes", "400KB", "--executor", "serial")
+    card = json.loads((out / "dataset.json").read_text())
+    recorded = json.loads((out / "_work" / "shard_size.json").read_text())
+    assert card["shard_bytes"] == 400_000 and card["shard_size"] == recorded["shard_size"]
+    assert recorded["estimate"]["samples"] == 32
+    full = [path.stat().st_size for path in sorted((out / "sub-00").glob("train-*.tar"))][:-1]
+    assert len(full) >= 2 and all(0.75 * 400_000 < size < 1.25 * 400_000 for size in full), full
