@@ -227,7 +227,7 @@ def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.
     return inputs, rejects
 
 
-def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int, dict | None]:
+def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int | None, dict | None]:
     """``--shard-size``, or the number of samples that makes one tar of one sub-dataset about ``--shard-bytes``.
 
     The estimate encodes a few planned images. A run keeps its first estimate in ``_work/shard_size.json``, so
@@ -240,17 +240,21 @@ def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool
         recorded = read_json(at)
         return recorded["shard_size"], recorded["estimate"]
     estimate = estimate_sample_bytes(options, plan)
+    if not estimate["samples"] and not cache:
+        return None, estimate  # the dry run says so
     if not estimate["samples"]:
         raise ValueError(f"none of the first {estimate['tried']} planned inputs could be read and encoded to size "
                          "the shards; check the inputs, or give --shard-size")
-    size = _two_digits(max(1, int(options.plan.shard_bytes // estimate["bytes_per_sample_per_sub_dataset"])))
+    size = shard_size_for(options.plan.shard_bytes, estimate["bytes_per_sample_per_sub_dataset"])
     if cache:
         write_json(at, {"shard_size": size, "estimate": estimate})
     return size, estimate
 
 
-def _two_digits(count: int) -> int:
-    """``count`` rounded down to two significant digits (48,731 → 48,000): round shard sizes, stable estimates."""
+def shard_size_for(shard_bytes: int, bytes_per_sample: float) -> int:
+    """Samples that make a tar of about ``shard_bytes``, rounded down to two significant digits (48,731 → 48,000):
+    round numbers, and the same number for estimates a little apart."""
+    count = max(1, int(shard_bytes // bytes_per_sample))
     unit = 10 ** max(0, len(str(count)) - 2)
     return count // unit * unit
 
@@ -426,11 +430,11 @@ def class_table_sha256(classes: list[str]) -> str:
     return hashlib.sha256("\n".join(classes).encode()).hexdigest()
 
 
-def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, shard_size: int, estimate: dict,
-             listing_workers: int, log: Callable[[str], None]) -> dict:
+def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, shard_size: int | None,
+             estimate: dict, listing_workers: int, log: Callable[[str], None]) -> dict:
     spec = options.spec
     sizes = plan.split_sizes()
-    shards = plan.shards(shard_size)
+    shards = plan.shards(shard_size) if shard_size else []
     per_sample = estimate["bytes_per_sample_per_sub_dataset"]
     before = pa.concat_tables([listing_rejects, plan.rejects])
     reasons = pc.value_counts(before.column("reason")).to_pylist() if before.num_rows else []
@@ -447,7 +451,8 @@ def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, sha
         "sub_datasets": spec.split,
         "estimated_bytes_per_sample_per_sub_dataset": per_sample,
         "estimated_total_bytes": int(per_sample * plan.num_rows * spec.split) if per_sample else None,
-        "estimated_tar_bytes": int(per_sample * min(shard_size, max(sizes.values()))) if per_sample else None,
+        "estimated_tar_bytes": int(per_sample * min(shard_size, max(sizes.values())))
+        if per_sample and shard_size else None,
         "listing_workers": listing_workers,
     }
     log(f"dry run (nothing written) for {options.out}:")
@@ -459,18 +464,21 @@ def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, sha
     if short_val:
         log(f"  warning: {short_val} classes list fewer than --val-per-class {options.plan.val_per_class} + 1 images "
             "and get fewer val images")
-    origin = ("--shard-size" if options.plan.shard_size is not None else
-              f"about {_human(options.plan.shard_bytes)} per tar (--shard-bytes)")
-    log(f"  shards per sub-dataset: train {planned['shards']['train']}, val {planned['shards']['val']} "
-        f"of {shard_size} samples ({origin}) × {spec.split} sub-datasets of {spec.size}×{spec.size} "
-        f"from {spec.image_size}×{spec.image_size} ({spec.resize_mode}, transform {spec.transform}, "
-        f"{spec.image_format})")
-    if per_sample:
-        log(f"  estimated output: {_human(planned['estimated_total_bytes'])}, "
-            f"{(planned['shards']['train'] + planned['shards']['val']) * spec.split} tars of up to "
-            f"{_human(planned['estimated_tar_bytes'])} (≈{per_sample:.0f} bytes per sample per sub-dataset, "
-            f"from {estimate['samples']} encoded images)")
+    geometry = (f"{spec.split} sub-datasets of {spec.size}×{spec.size} from {spec.image_size}×{spec.image_size} "
+                f"({spec.resize_mode}, transform {spec.transform}, {spec.image_format})")
+    if shard_size:
+        origin = ("--shard-size" if options.plan.shard_size is not None else
+                  f"about {_human(options.plan.shard_bytes)} per tar (--shard-bytes)")
+        log(f"  shards per sub-dataset: train {planned['shards']['train']}, val {planned['shards']['val']} "
+            f"of {shard_size} samples ({origin}) × {geometry}")
     else:
+        log(f"  shards: unknown (sized from encoded images, and none could be read; or give --shard-size) × {geometry}")
+    if per_sample:
+        tars = f", {(planned['shards']['train'] + planned['shards']['val']) * spec.split} tars of up to " \
+               f"{_human(planned['estimated_tar_bytes'])}" if shard_size else ""
+        log(f"  estimated output: {_human(planned['estimated_total_bytes'])}{tars} "
+            f"(≈{per_sample:.0f} bytes per sample per sub-dataset, from {estimate['samples']} encoded images)")
+    elif estimate is not None:
         log(f"  estimated output: unknown (none of the first {estimate['tried']} planned inputs could be read)")
     log(f"  listed {'in parallel by ' + str(listing_workers) + ' worker(s)' if listing_workers > 1 else 'here'}")
     return planned
