@@ -559,6 +559,9 @@ def main() -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_real_run:
+        from subspectral.pipeline.prepare_cli import lean_driver_memory
+
+        lean_driver_memory()  # as cli.py prepare does, before pyarrow is imported
         listing, out, rows, shard_size = args.child_real_run
         print(json.dumps(real_run_driver(Path(listing), Path(out), int(rows), int(shard_size))))
         return 0

@@ -47,6 +47,7 @@ PEEK_BLOCK = 2**20  # enough of a tar's head to tell WebDataset samples from a c
 PEEK_MEMBERS = 32
 MAX_LABEL_MEMBER = 2**20  # a .cls or .json member larger than this holds no usable label
 _LIST_BATCH_ROWS = 1 << 20
+_CSV_BLOCK = 1 << 20
 _PLAIN_INPUTS = pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
                            for f in INPUTS_SCHEMA])  # what a unit's rows are gathered in, before encoding
 
@@ -228,13 +229,13 @@ def _aligned(column: pa.ChunkedArray, like: pa.ChunkedArray) -> list[pa.Array]:
 
 
 def _join_files(parents: pa.DictionaryArray, entries: pa.Array) -> pa.Array:
-    prefixes, suffixes = [], []
-    for folder in parents.dictionary.to_pylist():  # one per folder, not per input
-        base, query = (folder.split("?", 1) + [""])[:2] if is_remote(folder) else (folder, "")
-        prefixes.append(base + "/")
-        suffixes.append("?" + query if query else "")
-    prefix = pa.DictionaryArray.from_arrays(parents.indices, pa.array(prefixes, pa.string()))
-    suffix = pa.DictionaryArray.from_arrays(parents.indices, pa.array(suffixes, pa.string()))
+    folders = parents.dictionary  # one per folder, not per input
+    remote = pc.match_substring(folders, "://")
+    parts = pc.extract_regex(folders, r"^(?P<base>[^?]*)(?P<query>.*)$")
+    base = pc.if_else(remote, parts.field("base"), folders)
+    query = pc.if_else(remote, parts.field("query"), "")
+    prefix = pa.DictionaryArray.from_arrays(parents.indices, pc.binary_join_element_wise(base, "/", ""))
+    suffix = pa.DictionaryArray.from_arrays(parents.indices, query)
     return pc.binary_join_element_wise(pc.cast(prefix, pa.string()), entries, pc.cast(suffix, pa.string()), "")
 
 
@@ -427,21 +428,32 @@ def _list_file(unit: ListingUnit) -> Listed:
     return Listed(inputs, pa.concat_tables(rejects))
 
 
-def _list_batches(filesystem: pafs.FileSystem, path: str, uri: str) -> Iterator[pa.RecordBatch]:
-    """The list's path, label (and split) columns, in batches of strings."""
+def _list_batches(filesystem: pafs.FileSystem, path: str, uri: str) -> Iterator[pa.Table]:
+    """The list's path, label (and split) columns as strings, in tables of about a million rows."""
     with filesystem.open_input_file(path) as handle:
         if path.endswith(".parquet"):
             parquet = pq.ParquetFile(handle)
             columns = _list_columns(parquet.schema_arrow.names, uri)
-            yield from parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=columns)
+            for batch in parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=columns):
+                yield pa.Table.from_batches([batch])
             return
         names = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 20)).schema.names
     columns = _list_columns(names, uri)
+    # Small blocks parsed on this thread: the CSV reader's larger or threaded blocks leave ~50-80 bytes per
+    # row of freed memory that the process keeps (measured at 3 M rows: +250 MB against +90 MB).
+    options = pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False)
     with filesystem.open_input_file(path) as handle:
-        reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=16 << 20),
-                                convert_options=pacsv.ConvertOptions(include_columns=columns,
-                                                                     column_types=dict.fromkeys(columns, pa.string())))
-        yield from reader
+        reader = pacsv.open_csv(handle, read_options=options, convert_options=pacsv.ConvertOptions(
+            include_columns=columns, column_types=dict.fromkeys(columns, pa.string())))
+        batches, rows = [], 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= _LIST_BATCH_ROWS:
+                yield pa.Table.from_batches(batches)
+                batches, rows = [], 0
+        if batches:
+            yield pa.Table.from_batches(batches)
 
 
 def _list_columns(names: list[str], uri: str) -> list[str]:
@@ -451,12 +463,13 @@ def _list_columns(names: list[str], uri: str) -> list[str]:
     return [path, "label"] + (["split"] if "split" in names else [])
 
 
-def _list_rows(batch: pa.RecordBatch, base: str, uri: str) -> tuple[pa.Table, pa.Table]:
-    paths = pc.cast(batch.column(0), pa.string())
-    labels = pc.cast(batch.column(1), pa.string())
+def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table]:
+    batch = batch.combine_chunks()
+    paths = pc.cast(batch.column(0).chunk(0) if batch.num_rows else pa.array([], pa.string()), pa.string())
+    labels = pc.cast(batch.column(1).chunk(0) if batch.num_rows else pa.array([], pa.string()), pa.string())
     count = batch.num_rows
     if batch.num_columns > 2:
-        splits = pc.cast(batch.column(2), pa.string())
+        splits = pc.cast(batch.column(2).combine_chunks(), pa.string())
         splits = pc.if_else(pc.equal(pc.utf8_trim_whitespace(splits), ""), pa.scalar(None, pa.string()), splits)
         unknown = pc.unique(pc.filter(splits, pc.invert(pc.is_in(splits, pa.array(SPLIT_FOLDERS))))).to_pylist()
         if [value for value in unknown if value is not None]:

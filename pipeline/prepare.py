@@ -138,6 +138,8 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     try:
         inputs, listing_rejects = _listing(options, units, top_rejects, work, mapper, cache=not dry_run)
         plan = make_plan(inputs, options.plan)
+        del inputs
+        pa.default_memory_pool().release_unused()  # planning's temporaries, back to the system before the run
         shard_size, estimate = _shard_size(options, plan, work, cache=not dry_run)
         if dry_run:
             return _dry_run(options, plan, listing_rejects, shard_size, estimate,
@@ -213,9 +215,11 @@ def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.
     listed.update(mapper(_list_numbered, remote))
     # Units finish in any order on Ray; unit order makes every table independent of scheduling.
     numbers = sorted(listed)
+    # Thousands of small per-unit tables become a few chunks; a list file's table stays as it is (no copy).
     groups = [numbers[i : i + _LISTING_GROUP] for i in range(0, len(numbers), _LISTING_GROUP)]
     inputs = pa.concat_tables(
-        [pa.concat_tables([listed[n].inputs for n in group]).unify_dictionaries().combine_chunks() for group in groups]
+        [listed[group[0]].inputs if len(group) == 1 else
+         pa.concat_tables([listed[n].inputs for n in group]).unify_dictionaries().combine_chunks() for group in groups]
     ).unify_dictionaries() if groups else None
     if inputs is None or inputs.num_rows == 0:
         raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
@@ -305,16 +309,27 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
     """
     spec = options.spec
     written_per_class = {split: np.zeros(len(plan.classes), dtype=np.int64) for split in ("train", "val")}
-    shard_rejects = []
     per_sub = np.zeros(spec.split, dtype=np.int64)
     samples = Counter()
-    with atomic_output(out.join("manifest.parquet")) as stream, pq.ParquetWriter(stream, MANIFEST_SCHEMA) as writer:
+    tally = _RejectTally()
+    # Rejects in a fixed order (listing, planning, then shard by shard): the same file whatever the scheduling.
+    with atomic_output(out.join("manifest.parquet")) as manifest_stream, \
+            pq.ParquetWriter(manifest_stream, MANIFEST_SCHEMA) as manifest, \
+            atomic_output(out.join("rejects.parquet")) as rejects_stream, \
+            pq.ParquetWriter(rejects_stream, REJECTS_SCHEMA) as rejects:
+        for table in (listing_rejects, *plan.rejects.tables(plan.inputs)):
+            tally.add(table)
+            rejects.write_table(table)
         for shard in shards:
-            rows = plan.shard_rows(shard, shard_size)
+            # The keys come from the shard's status table (made again from the plan, they would cost more than the
+            # rest of finalising); its length and first and last keys must be the plan's.
             status = read_table(status_location(out, shard.split, shard.shard))
-            if not status.column("key").equals(rows.column("key")):
+            ends = plan.key_at(shard.start, shard.start + 1), plan.key_at(shard.end - 1, shard.end)
+            keys = status.column("key").combine_chunks()
+            if len(keys) != shard.end - shard.start or [keys[0], keys[-1]] != [ends[0][0], ends[1][0]]:
                 raise RuntimeError("shard status tables do not match the plan; delete OUT/stats and rerun")
-            writer.write_table(pa.table(
+            rows = plan.shard_rows(shard, shard_size, keys=keys)
+            manifest.write_table(pa.table(
                 {**{name: rows.column(name) for name in ("key", "label", "class", "split", "shard", "position",
                                                          "source", "member")},
                  **{name: status.column(name) for name in ("width", "height", "status", "reason")}},
@@ -327,26 +342,22 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
                 sources = pc.coalesce(pc.binary_join_element_wise(failed.column("source"), failed.column("member"),
                                                                   "#"), failed.column("source"))
                 bad = status.filter(pa.array(~written))
-                shard_rejects.append(pa.table({"source": sources, "reason": bad.column("reason"),
-                                               "detail": bad.column("detail")}, schema=REJECTS_SCHEMA))
+                table = pa.table({"source": sources, "reason": bad.column("reason"), "detail": bad.column("detail")},
+                                 schema=REJECTS_SCHEMA)
+                tally.add(table)
+                rejects.write_table(table)
             stats = read_json(stats_location(out, shard.split, shard.shard))
             per_sub += np.asarray(stats["bytes"], dtype=np.int64)
             samples[shard.split] += stats["samples"]
-    rejects = pa.concat_tables([listing_rejects, plan.rejects, *shard_rejects]).sort_by(
-        [("source", "ascending"), ("reason", "ascending")])
     written_total = int(sum(samples.values()))
+    rejected = sum(tally.counts.values())
     listed = plan.num_rows + plan.rejects.num_rows + listing_rejects.num_rows
-    if written_total + rejects.num_rows != listed:
-        raise RuntimeError(f"counts do not reconcile: {listed} listed, {written_total} written, "
-                           f"{rejects.num_rows} rejected")
-    write_table(out.join("rejects.parquet"), rejects)
+    if written_total + rejected != listed:
+        raise RuntimeError(f"counts do not reconcile: {listed} listed, {written_total} written, {rejected} rejected")
     classes = pa.table({"index": np.arange(len(plan.classes), dtype=np.int32), "name": plan.classes,
                         **written_per_class}, schema=CLASSES_SCHEMA)
     write_table(out.join("classes.parquet"), classes)
     scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
-    reasons = pc.value_counts(rejects.column("reason")) if rejects.num_rows else None
-    firsts = rejects.group_by("reason", use_threads=False).aggregate([("detail", "first")])
-    examples = dict(zip(firsts.column("reason").to_pylist(), firsts.column("detail_first").to_pylist(), strict=True))
     total_bytes = int(per_sub.sum())
     return {
         "schema": "subspectral-dataset",
@@ -377,17 +388,33 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
         "counts": {
             "inputs": listed,
             "written": written_total,
-            "rejected": rejects.num_rows,
-            "rejected_by_reason": dict(sorted(zip(reasons.field("values").to_pylist(),
-                                                  reasons.field("counts").to_pylist(), strict=True)))
-            if reasons is not None else {},
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(tally.counts.items())),
             "short_classes": short_classes(classes, options.plan),
         },
         "bytes": {"total": total_bytes, "per_sub_dataset": per_sub.tolist(),
                   "per_sample_per_sub_dataset": total_bytes / (written_total * spec.split) if written_total else None},
         "source": {"uris": list(options.sources), "layout": options.layout, "label_field": options.label_field},
         "pil": pil_flavour(),
-    }, examples
+    }, tally.examples
+
+
+class _RejectTally:
+    """Rejects per reason, and the first one's detail for each reason, over the tables written."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        firsts = table.group_by("reason", use_threads=False).aggregate(
+            [("detail", "first"), ("detail", "count", pc.CountOptions(mode="all"))])
+        for reason, detail, count in zip(*(firsts.column(c).to_pylist() for c in ("reason", "detail_first",
+                                                                                  "detail_count")), strict=True):
+            self.counts[reason] += count
+            self.examples.setdefault(reason, detail)
 
 
 def short_classes(classes: pa.Table, plan: PlanOptions) -> dict:
@@ -436,8 +463,11 @@ def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, sha
     sizes = plan.split_sizes()
     shards = plan.shards(shard_size) if shard_size else []
     per_sample = estimate["bytes_per_sample_per_sub_dataset"]
-    before = pa.concat_tables([listing_rejects, plan.rejects])
-    reasons = pc.value_counts(before.column("reason")).to_pylist() if before.num_rows else []
+    tally = _RejectTally()
+    tally.add(listing_rejects)
+    tally.add(pa.table({"reason": pc.cast(plan.rejects.reason, pa.string()),
+                        "detail": pa.nulls(plan.rejects.num_rows, pa.string())}))
+    before = listing_rejects.num_rows + plan.rejects.num_rows
     planned_classes = plan.planned_per_class()
     short_val = int(np.sum(planned_classes["val"] < options.plan.val_per_class)) if options.plan.val_per_class else 0
     planned = {
@@ -445,8 +475,8 @@ def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, sha
         "images": sizes,
         "shard_size": shard_size,
         "shards": {split: sum(1 for s in shards if s.split == split) for split in ("train", "val")},
-        "rejected_before_decoding": before.num_rows,
-        "rejected_before_decoding_by_reason": {item["values"]: item["counts"] for item in reasons},
+        "rejected_before_decoding": before,
+        "rejected_before_decoding_by_reason": dict(sorted(tally.counts.items())),
         "classes_below_val_per_class": short_val,
         "sub_datasets": spec.split,
         "estimated_bytes_per_sample_per_sub_dataset": per_sample,
@@ -459,7 +489,7 @@ def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, sha
     more = " …" if len(plan.classes) > 5 else ""
     log(f"  classes: {planned['classes']} (first: {', '.join(plan.classes[:5])}{more})")
     by_reason = ", ".join(f"{k} {v}" for k, v in planned["rejected_before_decoding_by_reason"].items())
-    log(f"  images: train {sizes['train']}, val {sizes['val']}; rejected before decoding: {before.num_rows}"
+    log(f"  images: train {sizes['train']}, val {sizes['val']}; rejected before decoding: {before}"
         + (f" ({by_reason})" if by_reason else ""))
     if short_val:
         log(f"  warning: {short_val} classes list fewer than --val-per-class {options.plan.val_per_class} + 1 images "

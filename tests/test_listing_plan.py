@@ -5,12 +5,13 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from corpora import GOOD_PER_CLASS, TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
 from subspectral.pipeline.listing import list_unit, plan_units, source_uris
-from subspectral.pipeline.plan import PlanOptions, make_plan
+from subspectral.pipeline.plan import PlanOptions, hash_order, make_plan
 from subspectral.pipeline.storage import location
 from subspectral.schemas.tables import INPUTS_SCHEMA
 
@@ -146,7 +147,7 @@ def test_duplicate_inputs_are_rejected_and_never_share_a_key(tmp_path):
     assert sorted(r["source"].split(str(tmp_path) + "/")[1] for r in rows) == ["a/w.jpg", "a/x.jpg", "b/w.jpg"]
     keys = [r["key"] for r in rows]
     assert len(set(keys)) == len(keys)
-    rejects = {(r["source"].split(str(tmp_path) + "/")[1], r["reason"]) for r in plan.rejects.to_pylist()}
+    rejects = {(r["source"].split(str(tmp_path) + "/")[1], r["reason"]) for r in plan.rejects.table(inputs).to_pylist()}
     assert rejects == {("a/x.jpg", "duplicate_input"), ("a/y.jpg", "duplicate_input"),
                        ("a/z.jpg", "duplicate_input")}
     assert plan.rejects.num_rows == 5  # one copy of x, both of y, both of z
@@ -164,7 +165,7 @@ def test_plan_holds_out_val_by_hash_drops_rare_classes_and_mixes_shards():
     options = PlanOptions(shard_size=16, seed=7, val_per_class=5, min_per_class=10)
     plan = make_plan(inputs, options)
     assert plan.classes == ["a", "b"]
-    assert plan.rejects.column("reason").to_pylist() == ["below_min_per_class"] * 3
+    assert plan.rejects.table(inputs).column("reason").to_pylist() == ["below_min_per_class"] * 3
     rows = all_rows(plan, 16)
     val = [r for r in rows if r["split"] == "val"]
     assert len(val) == 10 and {r["class"] for r in val} == {"a", "b"}
@@ -190,7 +191,7 @@ PLANNING_PROBE = textwrap.dedent("""
     import sys, tracemalloc
     import numpy as np, pyarrow as pa, pyarrow.csv as pacsv
     from subspectral.pipeline.listing import ListingUnit, list_unit
-    from subspectral.pipeline.plan import PlanOptions, make_plan
+    from subspectral.pipeline.plan import PlanOptions, hash_order, make_plan
     rows, classes, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     label = np.random.default_rng(0).integers(0, classes, rows)
     names = np.char.add("n", np.char.zfill(label.astype(str), 8))
@@ -210,3 +211,16 @@ def test_planning_200k_inputs_creates_no_python_object_per_input(tmp_path):
                             capture_output=True, text=True, timeout=600, check=True)
     peak = int(result.stdout.split()[-1])
     assert peak / rows < 100, f"planning peaked at {peak / rows:.0f} bytes per input in Python objects and numpy"
+
+
+def test_equal_hashes_are_ordered_by_group_then_key():
+    """The shuffle's order is (group, hash, key); equal 64-bit hashes never happen in practice, so force them."""
+    hashes = np.array([5, 5, 3, 5, 2**63 + 5], np.uint64)
+    keys = pa.array(["b", "a", "c", "a0", "d"])
+
+    def key_of(positions):
+        return keys.take(pa.array(positions))
+
+    grouped = hash_order(hashes, key_of, np.arange(5), groups=np.array([1, 1, 1, 0, 1]))
+    assert grouped.tolist() == [3, 2, 1, 0, 4]
+    assert hash_order(hashes, key_of, np.arange(5)).tolist() == [2, 1, 3, 0, 4]
