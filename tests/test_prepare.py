@@ -245,9 +245,11 @@ def test_cli_refuses_changed_options_and_skips_a_finished_run(reference_run, sam
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(sample_root, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--dry-run", *CLI_OPTIONS)
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--dry-run", "--num-workers", "2",
+                     *CLI_OPTIONS)
     assert "classes: 10" in result.stdout and "train 550, val 50" in result.stdout
     assert "estimated output" in result.stdout
+    assert "listed in parallel by 2 worker(s)" in result.stdout  # class folders: on the workers, as a real run
     assert not out.exists()
 
 
