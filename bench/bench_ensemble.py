@@ -44,12 +44,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ensemble_fixtures import make_torch_run  # noqa: E402
 from subspectral.pipeline.sample import sample_corpus  # noqa: E402
+from subspectral.schemas import DatasetCard  # noqa: E402
 from subspectral.train.checkpoint import load_trained_model  # noqa: E402
 from subspectral.train.config import TrainConfig  # noqa: E402
 from subspectral.train.data import make_loader  # noqa: E402
 from subspectral.train.engine import StepContext, evaluate  # noqa: E402
 from subspectral.train.ensemble import cli as ensemble_cli  # noqa: E402
-from subspectral.train.stream import EvalStream, read_card, shard_uris  # noqa: E402
+from subspectral.train.prepared import read_card, shard_uris  # noqa: E402
+from subspectral.train.stream import EvalStream  # noqa: E402
 
 
 def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
@@ -61,12 +63,12 @@ def prepare(out: Path, split: int, per_class: int, val_per_class: int) -> None:
     subprocess.run(command, check=True, capture_output=True)
 
 
-def time_alone(data: str, card: dict, run_dir: Path, shard: int, device: torch.device, batch: int) -> float:
+def time_alone(data: str, card: DatasetCard, run_dir: Path, shard: int, device: torch.device, batch: int) -> float:
     start = time.perf_counter()
     model, _ = load_trained_model(run_dir)
     model = model.to(device)
     stream = EvalStream(shard_uris(data, card, shard, "val"), card, batch_size=batch, rank=0, world=1)
-    context = StepContext(device, None, int(card["num_classes"]), TrainConfig())
+    context = StepContext(device, None, card.num_classes, TrainConfig())
     evaluate(model, make_loader(stream, workers=0, pin_memory=False), context)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,7 +110,7 @@ def main() -> None:
         data, runs = Path(tmp) / "data", Path(tmp) / "runs"
         prepare(data, args.split, args.per_class, args.val_per_class)
         card = read_card(str(data))
-        run_dirs = [make_torch_run(runs, card, k, 50.0, str(data), name=args.model, stem=args.stem)
+        run_dirs = [make_torch_run(runs, card.to_json(), k, 50.0, str(data), name=args.model, stem=args.stem)
                     for k in range(members)]
         # Warm-up (imports, allocator, cuDNN autotuning), then interleaved measured rounds.
         time_alone(str(data), card, run_dirs[0], 0, device, args.batch_size)
@@ -120,7 +122,7 @@ def main() -> None:
             together.append(time_together(str(data), runs, Path(tmp) / "report", device, args.batch_size))
         ratios = [t / a for t, a in zip(together, alone, strict=True)]
         result = {
-            "split": args.split, "members": members, "val_images": card["splits"]["val"]["samples"],
+            "split": args.split, "members": members, "val_images": card.splits["val"].samples,
             "model": f"{args.model}/{args.stem}", "device": str(device), "batch_size": args.batch_size,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
             "alone_sum_s_median": round(statistics.median(alone), 3),

@@ -27,20 +27,20 @@ import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
+from subspectral.schemas import DatasetCard  # noqa: E402
 from subspectral.train.config import DataConfig  # noqa: E402
 from subspectral.train.data import make_loader  # noqa: E402
+from subspectral.train.prepared import read_card, shard_uris  # noqa: E402
 from subspectral.train.shards import iter_samples, to_sample  # noqa: E402
-from subspectral.train.storage import join  # noqa: E402
-from subspectral.train.stream import TrainStream, read_card  # noqa: E402
+from subspectral.train.stream import TrainStream  # noqa: E402
 
 
-def all_train_shards(data: str, card: dict) -> list[str]:
+def all_train_shards(data: str, card: DatasetCard) -> list[str]:
     """Every sub-dataset's train shards, so one pass sees N x the sub-dataset's samples."""
-    return [join(data, folder, f"train-{j:06d}.tar") for folder in card["sub_datasets"]
-            for j in range(card["splits"]["train"]["shards"])]
+    return [uri for k in range(card.split) for uri in shard_uris(data, card, k, "train")]
 
 
-def pipeline_rate(uris: list[str], card: dict, samples: int, batch: int) -> float:
+def pipeline_rate(uris: list[str], card: DatasetCard, samples: int, batch: int) -> float:
     config = DataConfig(shuffle_buffer=2000, crop="pad", crop_padding=4, hflip=True)
     stream = TrainStream(uris, card, config, batch_size=batch, batches_per_epoch=samples // batch, rank=0,
                          world=1, seed=0)
@@ -95,7 +95,7 @@ def main() -> None:
                             "--split", "36", "--executor", "serial"], check=True, capture_output=True)
         card = read_card(data)
         uris = all_train_shards(data, card)
-        samples = card["splits"]["train"]["samples"] * len(card["sub_datasets"])
+        samples = card.splits["train"].samples * card.split
         jpegs = [to_sample(k, p).data for uri in uris for k, p in iter_samples(Path(uri).read_bytes())]
         rounds = []
         for _ in range(args.rounds):
@@ -106,7 +106,7 @@ def main() -> None:
                            "vs_decode": pipeline / fast, "vs_imagefolder": pipeline / folder})
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     print(json.dumps({"samples_per_round": samples, "rounds": rounds}, indent=1), file=sys.stderr)
-    print(f"{samples} samples of 56x56 {card['format']} per round, {args.rounds} rounds, one process, 1 torch thread")
+    print(f"{samples} samples of 56x56 {card.format} per round, {args.rounds} rounds, one process, 1 torch thread")
     print("| stage | images/s (median) |\n| --- | --- |")
     print(f"| pipeline: tar -> shuffle -> decode -> pad-crop + flip -> uint8 batch | {median['pipeline']:,.0f} |")
     print(f"| decode only, simplejpeg (same samples, from memory) | {median['simplejpeg']:,.0f} |")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,48 +26,53 @@ sys.path.insert(0, str(REPO))
 
 
 def make_view(data: Path, shard: int, repeat: int, out: Path) -> Path:
-    card = json.loads((data / "dataset.json").read_text())
-    folder = card["sub_datasets"][shard]
+    """A dataset whose sub-dataset ``shard`` lists its train shards ``repeat`` times (symlinks); its card's
+    train digests no longer describe the listing, which training never checks."""
+    from subspectral.schemas import shard_file
+    from subspectral.train.prepared import read_card
+
+    card = read_card(str(data))
+    folder = card.sub_datasets[shard]
     (out / folder).mkdir(parents=True)
-    shards = card["splits"]["train"]["shards"]
-    for j in range(shards * repeat):
-        (out / folder / f"train-{j:06d}.tar").symlink_to((data / folder / f"train-{j % shards:06d}.tar").resolve())
-    for j in range(card["splits"]["val"]["shards"]):
-        (out / folder / f"val-{j:06d}.tar").symlink_to((data / folder / f"val-{j:06d}.tar").resolve())
-    card["splits"]["train"] = {"shards": shards * repeat, "samples": card["splits"]["train"]["samples"] * repeat}
-    (out / "dataset.json").write_text(json.dumps(card))
+    train = card.splits["train"]
+    for j, path in enumerate(card.shard_paths("train", shard) * repeat):
+        (out / folder / shard_file("train", j)).symlink_to((data / path).resolve())
+    for path in card.shard_paths("val", shard):
+        (out / path).symlink_to((data / path).resolve())
+    splits = {**card.splits, "train": replace(train, shards=train.shards * repeat, samples=train.samples * repeat)}
+    (out / "dataset.json").write_text(json.dumps(replace(card, splits=splits).to_json()))
     return out
 
 
 def loader_rate(view: Path, shard: int, recipe, workers: int, pin: bool) -> float:
     from subspectral.train.data import make_loader
-    from subspectral.train.stream import TrainStream, read_card, shard_uris
+    from subspectral.train.prepared import read_card, shard_uris
+    from subspectral.train.stream import TrainStream
 
     card = read_card(str(view))
     batch = recipe.data.batch_size
     stream = TrainStream(shard_uris(str(view), card, shard, "train"), card, recipe.data, batch_size=batch,
-                         batches_per_epoch=card["splits"]["train"]["samples"] // batch, rank=0, world=1, seed=0)
+                         batches_per_epoch=card.splits["train"].samples // batch, rank=0, world=1, seed=0)
     start = time.perf_counter()
     images = sum(len(b["labels"]) for b in make_loader(stream, workers, pin))
     return images / (time.perf_counter() - start)
 
 
-def compute_rate(recipe, card: dict, device: str, steps: int = 20) -> float:
+def compute_rate(recipe, card, device: str, steps: int = 20) -> float:
     import torch
     from subspectral.train.engine import autocast_dtype
     from subspectral.train.models import create_model
 
     spec = recipe.model
-    model = create_model(spec.name, card["num_classes"], stem=spec.stem).to(device)
+    model = create_model(spec.name, card.num_classes, stem=spec.stem).to(device)
     amp = autocast_dtype(recipe.train, torch.device(device)) is not None  # train.amp: auto | true | false
     if device == "cuda" and recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = recipe.data.batch_size
-    size = card.get("size", 56)
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, card["num_classes"], (batch,), device=device)
+    images = torch.randint(0, 256, (batch, *card.sample_shape), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, card.num_classes, (batch,), device=device)
     for i in range(steps + 3):
         if i == 3:
             if device == "cuda":
@@ -95,12 +101,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from subspectral.train.config import apply_overrides, load_recipe
+    from subspectral.train.prepared import read_card
 
     overrides = [*args.overrides, f"data.workers={args.workers}"]
     recipe = apply_overrides(load_recipe(args.config), overrides)
     with tempfile.TemporaryDirectory() as tmp:
         view = make_view(Path(args.data), args.shard, args.repeat, Path(tmp) / "view")
-        card = json.loads((view / "dataset.json").read_text())
+        card = read_card(str(view))
         loader = loader_rate(view, args.shard, recipe, args.workers, args.device == "cuda")
         compute = compute_rate(recipe, card, args.device)
         command = [sys.executable, str(REPO / "cli.py"), "train", "--data", str(view), "--shard", str(args.shard),
@@ -108,14 +115,14 @@ def main() -> None:
                    "--device", args.device, "--no-progress", *overrides]
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": path})
-        folder = card["sub_datasets"][args.shard]
+        folder = card.sub_datasets[args.shard]
         lines = (Path(tmp) / "runs" / folder / "metrics.jsonl").read_text().splitlines()
         metrics = [json.loads(line) for line in lines]
     train = metrics[-1]["images_per_s"]
     model = f"{recipe.model.name} {recipe.model.stem} stem"
     print(f"\n{model}, batch {recipe.data.batch_size}, {args.device}, amp={recipe.train.amp}, "
           f"channels_last={recipe.train.channels_last}, {args.workers} loader workers, "
-          f"{card['splits']['train']['samples']} images/epoch")
+          f"{card.splits['train'].samples} images/epoch")
     print("| loader alone | network alone (batch on device) | cli.py train (last epoch) | train / network |")
     print("| --- | --- | --- | --- |")
     print(f"| {loader:,.0f} img/s | {compute:,.0f} img/s | {train:,.0f} img/s | {train / compute:.2f} |")

@@ -6,5 +6,3 @@ I/O: ``storage`` (local / s3 paths), ``listing`` (sources → input table), ``re
 shard of all N sub-datasets). Scheduling only: ``distributor`` (serial or Ray). Orchestration:
 ``prepare``; command line: ``prepare_cli``.
 """
-
-__version__ = "0.1.0"

@@ -18,23 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-# Reasons are part of the on-disk contract (docs/format.md, rejects.parquet).
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-TRUNCATED = "truncated"
-TOO_SMALL = "too_small"
-TOO_LARGE = "too_large"
-UNREADABLE = "unreadable"
+from subspectral.schemas.reasons import RejectReason
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (1024·1024·1024 // 4 // 3)
 
 
 class RejectedInput(Exception):
-    """An input that cannot become a sample; ``reason`` is one of the contract's reject reasons."""
+    """An input that cannot become a sample, and why."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
         self.reason = reason
         self.detail = detail
 
@@ -69,7 +62,7 @@ def decode_image(data: bytes, min_decoded: MinimumSize = full_size, limits: Size
     ``scratch`` and is overwritten by the next call that uses it.
     """
     if not data:
-        raise RejectedInput(EMPTY_FILE)
+        raise RejectedInput(RejectReason.EMPTY_FILE)
     if data[:2] == b"\xff\xd8":
         decoded = _decode_jpeg_fast(data, min_decoded, limits, scratch)
         if decoded is not None:
@@ -79,9 +72,9 @@ def decode_image(data: bytes, min_decoded: MinimumSize = full_size, limits: Size
 
 def _check_size(width: int, height: int, limits: SizeLimits) -> None:
     if width * height > limits.max_pixels:
-        raise RejectedInput(TOO_LARGE, f"{width}x{height} exceeds {limits.max_pixels} pixels")
+        raise RejectedInput(RejectReason.TOO_LARGE, f"{width}x{height} exceeds {limits.max_pixels} pixels")
     if min(width, height) < limits.min_side:
-        raise RejectedInput(TOO_SMALL, f"{width}x{height} is under {limits.min_side} px")
+        raise RejectedInput(RejectReason.TOO_SMALL, f"{width}x{height} is under {limits.min_side} px")
 
 
 def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits,
@@ -114,7 +107,7 @@ def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits,
         )
     except ValueError as error:
         if "Premature end" in str(error):
-            raise RejectedInput(TRUNCATED, str(error)) from None
+            raise RejectedInput(RejectReason.TRUNCATED, str(error)) from None
         return None
     h, w = pixels.shape[:2]
     image = Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)
@@ -143,14 +136,15 @@ def _decode_with_pillow(data: bytes, min_decoded: MinimumSize, limits: SizeLimit
     except RejectedInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise RejectedInput(TOO_LARGE, str(error)) from None
+        raise RejectedInput(RejectReason.TOO_LARGE, str(error)) from None
     except UnidentifiedImageError:
-        raise RejectedInput(NOT_AN_IMAGE, "not a format Pillow can read") from None
+        raise RejectedInput(RejectReason.NOT_AN_IMAGE, "not a format Pillow can read") from None
     except OSError as error:
-        reason = TRUNCATED if "truncated" in str(error) or "broken data" in str(error) else UNREADABLE
+        truncated = "truncated" in str(error) or "broken data" in str(error)
+        reason = RejectReason.TRUNCATED if truncated else RejectReason.UNREADABLE
         raise RejectedInput(reason, str(error)) from None
     except (ValueError, SyntaxError, struct.error, EOFError, IndexError) as error:
-        raise RejectedInput(UNREADABLE, f"{type(error).__name__}: {error}") from None
+        raise RejectedInput(RejectReason.UNREADABLE, f"{type(error).__name__}: {error}") from None
     return DecodedImage(image, upright_w, upright_h)
 
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import Location, is_remote
@@ -90,7 +91,8 @@ def plan_units(sources: list[str], layout: str, label_field: str | None = None
         if split_roots:
             for name in names:
                 if name not in split_roots:
-                    rejects.add(loc.join(name).uri, "stray_file", "not a split folder next to train/ and val/")
+                    rejects.add(loc.join(name).uri, RejectReason.STRAY_FILE,
+                                "not a split folder next to train/ and val/")
         for root, split in roots:
             root_fs, root_path = root.resolve()
             root_entries = entries if split is None else _list_dir(root_fs, root_path)
@@ -110,7 +112,7 @@ def plan_units(sources: list[str], layout: str, label_field: str | None = None
                 else:
                     what = {"class-tars": "class tar", "webdataset": "WebDataset shard (.tar)"}.get(kind,
                                                                                                   "class folder")
-                    rejects.add(child.uri, "stray_file", f"not a {what}")
+                    rejects.add(child.uri, RejectReason.STRAY_FILE, f"not a {what}")
     return units, rejects.table()
 
 
@@ -243,9 +245,9 @@ class _RejectBuilder:
     def __init__(self) -> None:
         self.rows: dict[str, list[str]] = {"source": [], "reason": [], "detail": []}
 
-    def add(self, source: str, reason: str, detail: str) -> None:
+    def add(self, source: str, reason: RejectReason, detail: str) -> None:
         self.rows["source"].append(source)
-        self.rows["reason"].append(reason)
+        self.rows["reason"].append(reason.value)
         self.rows["detail"].append(detail)
 
     def table(self) -> pa.Table:
@@ -301,10 +303,10 @@ def _list_folder(unit: ListingUnit) -> Listed:
         if _is_image_name(name) and not name.startswith("."):
             inputs.add(parent, name, -1, info.size)
         else:
-            rejects.add(loc.join(relative).uri, "stray_file", "not an image file name")
+            rejects.add(loc.join(relative).uri, RejectReason.STRAY_FILE, "not an image file name")
     table = inputs.table()
     if table.num_rows == 0:
-        rejects.add(unit.uri, "empty_class", "class folder holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class folder holds no image")
     return Listed(table, rejects.table())
 
 
@@ -328,12 +330,12 @@ def _list_tar(unit: ListingUnit) -> Listed:
                 if _is_image_name(base) and not base.startswith("."):
                     inputs.add(unit.uri, member.name, member.offset_data, member.size)
                 else:
-                    rejects.add(f"{unit.uri}#{member.name}", "stray_file", "not an image file name")
+                    rejects.add(f"{unit.uri}#{member.name}", RejectReason.STRAY_FILE, "not an image file name")
     except (tarfile.TarError, OSError, EOFError) as error:
-        rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
+        rejects.add(unit.uri, RejectReason.CORRUPT_TAR, f"{type(error).__name__}: {error}")
     table = inputs.table()
     if table.num_rows == 0 and not rejects.rows["source"]:
-        rejects.add(unit.uri, "empty_class", "class tar holds no image")
+        rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class tar holds no image")
     return Listed(table, rejects.table())
 
 
@@ -350,7 +352,7 @@ def _safe_member(uri: str, member: tarfile.TarInfo, rejects: _RejectBuilder) -> 
             kind = "device or special file"
         else:
             kind = "path"
-        rejects.add(f"{uri}#{name}", "unsafe_tar_member", f"unsafe {kind}: never read")
+        rejects.add(f"{uri}#{name}", RejectReason.UNSAFE_TAR_MEMBER, f"unsafe {kind}: never read")
         return False
     return True
 
@@ -376,7 +378,7 @@ def _list_shard(unit: ListingUnit) -> Listed:
                 sample.append((member, extension, data))
             _add_sample(unit, key, sample, inputs, rejects)
     except (tarfile.TarError, OSError, EOFError) as error:
-        rejects.add(unit.uri, "corrupt_tar", f"{type(error).__name__}: {error}")
+        rejects.add(unit.uri, RejectReason.CORRUPT_TAR, f"{type(error).__name__}: {error}")
     return Listed(inputs.table(), rejects.table())
 
 
@@ -386,12 +388,12 @@ def _add_sample(unit: ListingUnit, key: str | None, members: list[tuple[tarfile.
         return
     images = [member for member, extension, _ in members if "." + extension in IMAGE_EXTENSIONS]
     if not images:
-        rejects.add(f"{unit.uri}#{members[0][0].name}", "stray_file", f"sample {key} has no image member")
+        rejects.add(f"{unit.uri}#{members[0][0].name}", RejectReason.STRAY_FILE, f"sample {key} has no image member")
         return
     label = _sample_label(members, unit.label_field)
     if label is None:
         where = f"JSON field {unit.label_field!r}" if unit.label_field else ".cls member"
-        rejects.add(f"{unit.uri}#{images[0].name}", "no_label", f"sample {key} has no usable {where}")
+        rejects.add(f"{unit.uri}#{images[0].name}", RejectReason.NO_LABEL, f"sample {key} has no usable {where}")
         return
     inputs.add(unit.uri, images[0].name, images[0].offset_data, images[0].size, class_name=label)
 
@@ -487,6 +489,7 @@ def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table
                       "class": labels, "split": splits})
     rejected = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(labels), ""), True)
     missing = pc.sum(rejected).as_py() or 0
-    rejects = pa.table({"source": pc.filter(paths, rejected), "reason": pa.repeat(pa.scalar("no_label"), missing),
+    rejects = pa.table({"source": pc.filter(paths, rejected),
+                        "reason": pa.repeat(pa.scalar(RejectReason.NO_LABEL.value), missing),
                         "detail": pa.repeat(pa.scalar("the list gives no label"), missing)}, schema=REJECTS_SCHEMA)
     return _encoded(table.filter(pc.invert(rejected)) if missing else table), rejects

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import PLAN_SCHEMA, REJECTS_SCHEMA
 
 from .hashing import blake2b64, hex_prefix
@@ -342,7 +343,8 @@ def _plan_rejects(duplicate: np.ndarray, duplicate_detail: dict[int, str], too_r
     reason_codes = np.concatenate([np.zeros(len(duplicates), np.int32), np.ones(len(rare), np.int32)])
     return PlanRejects(
         np.concatenate([duplicates, rare]),
-        pa.DictionaryArray.from_arrays(pa.array(reason_codes), pa.array(["duplicate_input", "below_min_per_class"])),
+        pa.DictionaryArray.from_arrays(pa.array(reason_codes), pa.array([RejectReason.DUPLICATE_INPUT.value,
+                                                                         RejectReason.BELOW_MIN_PER_CLASS.value])),
         pa.DictionaryArray.from_arrays(pa.array(detail_codes), pa.array(details + duplicate_text, pa.string())),
     )
 

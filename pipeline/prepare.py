@@ -8,7 +8,7 @@ workers free up, and the manifest is written shard by shard.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import sys
 import time
 from collections import Counter
@@ -19,9 +19,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION
+from subspectral.schemas.card import (
+    SHARDS_SCHEMA,
+    ByteCounts,
+    Counts,
+    DatasetCard,
+    Source,
+    SplitSummary,
+    shard_file,
+    shards_table,
+    sub_dataset_names,
+)
+from subspectral.schemas.documents import SCHEMA_VERSION, class_table_sha256, listing_sha256
+from subspectral.schemas.reasons import RejectReason
+from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA
 
-from . import __version__, decompose, encode, resize
+from subspectral import __version__
+
+from . import decompose, encode, resize
 from .distributor import RayRunner, run_serial
 from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
 from .plan import Plan, PlanOptions, ShardRange, make_plan
@@ -32,7 +47,6 @@ from .shard import (
     sample_member_bytes,
     stats_location,
     status_location,
-    sub_dataset_names,
     write_shard,
 )
 from .storage import Location, atomic_output, exists, read_json, write_json
@@ -44,14 +58,14 @@ _LISTING_GROUP = 512  # listed units whose tables are combined into one chunk as
 
 # What changes each reject reason, for the line that stops a run with too many rejects.
 REJECT_HINTS = {
-    "too_small": "--min-side {min_side} sets the limit",
-    "too_large": "the limit is {max_pixels} pixels per image (decompression bombs)",
-    "below_min_per_class": "--min-per-class {min_per_class} sets the limit",
-    "stray_file": "check --src and --layout {layout}",
-    "empty_class": "check --src and --layout {layout}",
-    "no_label": "check the list's label column or --label-field",
-    "duplicate_input": "the sources list these inputs more than once",
-    "unsafe_tar_member": "these tars hold links, devices or paths outside the tar",
+    RejectReason.TOO_SMALL.value: "--min-side {min_side} sets the limit",
+    RejectReason.TOO_LARGE.value: "the limit is {max_pixels} pixels per image (decompression bombs)",
+    RejectReason.BELOW_MIN_PER_CLASS.value: "--min-per-class {min_per_class} sets the limit",
+    RejectReason.STRAY_FILE.value: "check --src and --layout {layout}",
+    RejectReason.EMPTY_CLASS.value: "check --src and --layout {layout}",
+    RejectReason.NO_LABEL.value: "check the list's label column or --label-field",
+    RejectReason.DUPLICATE_INPUT.value: "the sources list these inputs more than once",
+    RejectReason.UNSAFE_TAR_MEMBER.value: "these tars hold links, devices or paths outside the tar",
 }
 DAMAGED_HINT = "the inputs themselves cannot be read as images"
 
@@ -108,12 +122,14 @@ def pil_flavour() -> str:
 
 def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | None, dry_run: bool,
             executor: str = "ray", max_reject_fraction: float = MAX_REJECT_FRACTION,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] | None = None) -> dict:
     """Run the whole command; returns the summary (the dataset card plus run timings).
 
-    Raises ``TooManyRejects`` (after writing everything but the card) when the run wrote nothing or
-    rejected more than ``max_reject_fraction`` of its inputs.
+    Messages go to ``log`` (default: the ``subspectral.pipeline`` logger at INFO). Raises ``TooManyRejects``
+    (after writing everything but the card) when the run wrote nothing or rejected more than
+    ``max_reject_fraction`` of its inputs.
     """
+    log = log or logging.getLogger(__name__).info
     validate(options)
     if not 0 <= max_reject_fraction <= 1:
         raise ValueError(f"--max-reject-fraction must be within 0..1, got {max_reject_fraction}")
@@ -125,10 +141,10 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     if not dry_run:
         _claim_output(out, params)
         if exists(out.join("dataset.json")):
-            card = read_json(out.join("dataset.json"))
-            log(f"{out.uri} is already complete: {card['counts']['written']} samples in {card['split']} "
+            card = DatasetCard.from_json(read_json(out.join("dataset.json")), out.join("dataset.json").uri)
+            log(f"{out.uri} is already complete: {card.counts.written} samples in {card.split} "
                 "sub-datasets; nothing to do")
-            return card
+            return card.to_json()
     started = time.perf_counter()
     parallel_listing = any(unit.kind != "list" for unit in units)
     use_ray = executor == "ray" and (not dry_run or parallel_listing)
@@ -161,15 +177,16 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
         if runner:
             runner.shutdown()
     card, examples = _finalise(options, out, plan, shards, shard_size, listing_rejects)
+    document = card.to_json()
     images = sum(shard.end - shard.start for shard in pending)
-    summary = {**card, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
+    summary = {**document, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
                                "images_per_second": images / elapsed if elapsed > 0 else None,
                                "requests": totals["requests"], "stage_seconds": totals["seconds"]}}
-    failure = reject_failure(card, max_reject_fraction, options, examples)
+    failure = reject_failure(document, max_reject_fraction, options, examples)
     log(format_summary(summary))
     if failure:
         raise TooManyRejects(failure)
-    write_json(out.join("dataset.json"), card)
+    write_json(out.join("dataset.json"), document)
     return summary
 
 
@@ -302,8 +319,8 @@ def _run_shards(mapper: Callable, tasks: Iterable[ShardTask], total: int) -> dic
 
 
 def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[ShardRange], shard_size: int,
-              listing_rejects: pa.Table) -> tuple[dict, dict[str, str]]:
-    """Manifest, rejects and class table from the shards' status files, one shard at a time.
+              listing_rejects: pa.Table) -> tuple[DatasetCard, dict[str, str]]:
+    """Manifest, rejects, class and shard tables from the shards' status and stats files, one shard at a time.
 
     Returns the card (not written yet) and the first reject's detail for each reason.
     """
@@ -311,6 +328,7 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
     written_per_class = {split: np.zeros(len(plan.classes), dtype=np.int64) for split in ("train", "val")}
     per_sub = np.zeros(spec.split, dtype=np.int64)
     samples = Counter()
+    shard_rows, val_names, val_digests = [], [], []
     tally = _RejectTally()
     # Rejects in a fixed order (listing, planning, then shard by shard): the same file whatever the scheduling.
     with atomic_output(out.join("manifest.parquet")) as manifest_stream, \
@@ -349,6 +367,10 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
             stats = read_json(stats_location(out, shard.split, shard.shard))
             per_sub += np.asarray(stats["bytes"], dtype=np.int64)
             samples[shard.split] += stats["samples"]
+            shard_rows.append(shards_table(shard.split, shard.shard, stats["samples"], stats["bytes"], stats["sha256"]))
+            if shard.split == "val":  # write_shard hashes val shards only
+                val_names.append(shard_file("val", shard.shard))
+                val_digests.append(stats["sha256"])
     written_total = int(sum(samples.values()))
     rejected = sum(tally.counts.values())
     listed = plan.num_rows + plan.rejects.num_rows + listing_rejects.num_rows
@@ -358,45 +380,48 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
                         **written_per_class}, schema=CLASSES_SCHEMA)
     write_table(out.join("classes.parquet"), classes)
     scale, _ = decompose.dct_quantisation(spec.split) if spec.transform == "dct" else (None, None)
+    write_table(out.join("shards.parquet"),
+                pa.concat_tables(shard_rows) if shard_rows else SHARDS_SCHEMA.empty_table())
     total_bytes = int(per_sub.sum())
-    return {
-        "schema": "subspectral-dataset",
-        "schema_version": SCHEMA_VERSION,
-        "tool_version": __version__,
-        "split": spec.split,
-        "grid": spec.grid,
-        "size": spec.size,
-        "image_size": spec.image_size,
-        "resize_mode": spec.resize_mode,
-        "transform": spec.transform,
-        "dct_scale": scale,
-        "format": spec.image_format,
-        "quality": spec.quality,
-        "sample_json": spec.sample_json,
-        "seed": options.plan.seed,
-        "shard_size": shard_size,
-        "shard_bytes": None if options.plan.shard_size is not None else options.plan.shard_bytes,
-        "val_per_class": options.plan.val_per_class,
-        "min_per_class": options.plan.min_per_class,
-        "min_side": spec.limits.min_side,
-        "max_pixels": spec.limits.max_pixels,
-        "num_classes": len(plan.classes),
-        "class_table_sha256": class_table_sha256(plan.classes),
-        "sub_datasets": sub_dataset_names(spec.split),
-        "splits": {split: {"shards": sum(1 for s in shards if s.split == split), "samples": samples[split]}
-                   for split in ("train", "val")},
-        "counts": {
-            "inputs": listed,
-            "written": written_total,
-            "rejected": rejected,
-            "rejected_by_reason": dict(sorted(tally.counts.items())),
-            "short_classes": short_classes(classes, options.plan),
-        },
-        "bytes": {"total": total_bytes, "per_sub_dataset": per_sub.tolist(),
-                  "per_sample_per_sub_dataset": total_bytes / (written_total * spec.split) if written_total else None},
-        "source": {"uris": list(options.sources), "layout": options.layout, "label_field": options.label_field},
-        "pil": pil_flavour(),
-    }, tally.examples
+    splits = {split: SplitSummary(shards=sum(1 for s in shards if s.split == split), samples=samples[split])
+              for split in ("train", "val")}
+    splits["val"] = SplitSummary(splits["val"].shards, samples["val"], tuple(
+        listing_sha256(val_names, [digests[k] for digests in val_digests]) for k in range(spec.split)))
+    card = DatasetCard(
+        tool_version=__version__,
+        split=spec.split,
+        grid=spec.grid,
+        size=spec.size,
+        image_size=spec.image_size,
+        sample_shape=(spec.size, spec.size, 3),
+        sample_dtype=spec.sample_dtype.name,
+        resize_mode=spec.resize_mode,
+        transform=spec.transform,
+        dct_scale=scale,
+        format=spec.image_format,
+        quality=spec.quality,
+        sample_json=spec.sample_json,
+        seed=options.plan.seed,
+        shard_size=shard_size,
+        shard_bytes=None if options.plan.shard_size is not None else options.plan.shard_bytes,
+        val_per_class=options.plan.val_per_class,
+        min_per_class=options.plan.min_per_class,
+        min_side=spec.limits.min_side,
+        max_pixels=spec.limits.max_pixels,
+        num_classes=len(plan.classes),
+        class_table_sha256=class_table_sha256(plan.classes),
+        sub_datasets=tuple(sub_dataset_names(spec.split)),
+        splits=splits,
+        counts=Counts(inputs=listed, written=written_total, rejected=rejected,
+                      rejected_by_reason=dict(sorted(tally.counts.items())),
+                      short_classes=short_classes(classes, options.plan)),
+        bytes=ByteCounts(total=total_bytes, per_sub_dataset=tuple(per_sub.tolist()),
+                         per_sample_per_sub_dataset=total_bytes / (written_total * spec.split) if written_total
+                         else None),
+        source=Source(uris=tuple(options.sources), layout=options.layout, label_field=options.label_field),
+        pil=pil_flavour(),
+    )
+    return card, tally.examples
 
 
 class _RejectTally:
@@ -420,13 +445,13 @@ class _RejectTally:
 def short_classes(classes: pa.Table, plan: PlanOptions) -> dict:
     """Classes that ended up with fewer written images than asked: ``--min-per-class`` and ``--val-per-class``
     count listed inputs when planning (before decoding), so inputs rejected later can leave a class short.
-    ``{"below_min_per_class": [[name, written], ...], "below_val_per_class": [[name, val written], ...]}``"""
+    ``{"min_per_class": [[name, written], ...], "val_per_class": [[name, val written], ...]}``"""
     names = np.asarray(classes.column("name").to_pylist(), dtype=object)
     train, val = classes.column("train").to_numpy(), classes.column("val").to_numpy()
     below_min = np.flatnonzero(train + val < plan.min_per_class)
     below_val = np.flatnonzero(val < plan.val_per_class) if plan.val_per_class else np.zeros(0, int)
-    return {"below_min_per_class": [[str(names[i]), int(train[i] + val[i])] for i in below_min],
-            "below_val_per_class": [[str(names[i]), int(val[i])] for i in below_val]}
+    return {"min_per_class": [[str(names[i]), int(train[i] + val[i])] for i in below_min],
+            "val_per_class": [[str(names[i]), int(val[i])] for i in below_val]}
 
 
 def reject_failure(card: dict, max_fraction: float, options: PrepareOptions, examples: dict[str, str]) -> str | None:
@@ -451,10 +476,6 @@ def reject_failure(card: dict, max_fraction: float, options: PrepareOptions, exa
         how += f" ({rejected / inputs:.0%} > --max-reject-fraction {max_fraction:g}), {by_reason[reason]:,} as {reason}"
     detail = f" (e.g. {example})" if example else ""
     return f"{how}{detail}: {hint}; see {options.out}/rejects.parquet"
-
-
-def class_table_sha256(classes: list[str]) -> str:
-    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
 
 
 def _dry_run(options: PrepareOptions, plan: Plan, listing_rejects: pa.Table, shard_size: int | None,
@@ -534,7 +555,7 @@ def format_summary(summary: dict) -> str:
     if counts["rejected_by_reason"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
                      + "  (see rejects.parquet)")
-    for field, option in (("below_min_per_class", "--min-per-class"), ("below_val_per_class", "--val-per-class")):
+    for field, option in (("min_per_class", "--min-per-class"), ("val_per_class", "--val-per-class")):
         short = counts["short_classes"][field]
         if short:
             examples = ", ".join(f"{name} {count}" for name, count in short[:5]) + (" …" if len(short) > 5 else "")

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from subspectral.schemas import bands
+from subspectral.schemas.card import shard_file, shard_name, sub_dataset_names
+from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import STATUS_SCHEMA
 
 from . import decompose, encode, resize
@@ -54,6 +56,11 @@ class SampleSpec:
     def image_size(self) -> int:
         return self.grid * self.size
 
+    @property
+    def sample_dtype(self) -> np.dtype:
+        """What a decoded sample holds: uint8 pixels, or the integer type ``dct_forward`` stores the bands in."""
+        return decompose.dct_quantisation(self.split)[1] if self.transform == "dct" else np.dtype(np.uint8)
+
 
 @dataclass(frozen=True)
 class ShardTask:
@@ -62,15 +69,6 @@ class ShardTask:
     shard: int
     rows: pa.Table  # PLAN_SCHEMA rows of this shard, in position order
     spec: SampleSpec
-
-
-def shard_name(split: str, shard: int) -> str:
-    return f"{split}-{shard:06d}"
-
-
-def sub_dataset_names(split: int) -> list[str]:
-    width = max(2, len(str(split - 1)))
-    return [f"sub-{k:0{width}d}" for k in range(split)]
 
 
 def stats_location(out: Location, split: str, shard: int) -> Location:
@@ -151,7 +149,7 @@ def write_shard(task: ShardTask) -> dict:
     spec = task.spec
     extension = spec.image_format
     names = sub_dataset_names(spec.split)
-    shard = shard_name(task.split, task.shard)
+    tar_name = shard_file(task.split, task.shard)
     sample_encoder = SampleEncoder(spec)
     reader = SourceReader()
     status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
@@ -161,9 +159,12 @@ def write_shard(task: ShardTask) -> dict:
     # Members in sorted name order, as webdataset's TarWriter writes them: KEY.cls first, then the image and
     # KEY.json in the order of their extensions.
     image_first = extension < "json"
+    # Val shards are what ensemble-eval pairs across sub-datasets, so it checks them against their digests;
+    # hashing costs ~7 % of a shard's CPU (bench/bench_shard_digest.py), which train shards do not pay.
+    hashed = task.split == "val"
     with ExitStack() as stack:
         writers = [
-            TarShardWriter(stack.enter_context(atomic_output(task.out.join(name, shard + ".tar"))))
+            TarShardWriter(stack.enter_context(atomic_output(task.out.join(name, tar_name))), hashed)
             for name in names
         ]
         for row in rows:
@@ -172,7 +173,7 @@ def write_shard(task: ShardTask) -> dict:
             try:
                 data = reader.read(row["source"], row["offset"], row["size"])
             except OSError as error:
-                _record(status, key, "unreadable", str(error))
+                _record(status, key, RejectReason.UNREADABLE, str(error))
                 continue
             sample_encoder.seconds["read"] += clock() - start
             try:
@@ -208,16 +209,17 @@ def write_shard(task: ShardTask) -> dict:
         "rejected": len(rows) - written,
         "bytes": [writer.bytes_written for writer in writers],
         "requests": reader.reads + reader.opens,
+        "sha256": [writer.sha256 for writer in writers] if hashed else None,
     }
     write_json(stats_location(task.out, task.split, task.shard), stats)
     return {**stats, "seconds": sample_encoder.seconds}
 
 
-def _record(status: dict[str, list], key: str, reason: str | None, detail: str | None,
+def _record(status: dict[str, list], key: str, reason: RejectReason | None, detail: str | None,
             width: int | None = None, height: int | None = None) -> None:
     status["key"].append(key)
     status["status"].append("rejected" if reason else "written")
-    status["reason"].append(reason)
+    status["reason"].append(reason.value if reason else None)
     status["detail"].append(detail)
     status["width"].append(width)
     status["height"].append(height)

@@ -8,6 +8,7 @@ byte-identical shards.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -80,10 +81,15 @@ def member_bytes(name: str, data: bytes) -> bytes:
 
 
 class TarShardWriter:
-    """Appends members to a binary stream; ``finish`` writes the end-of-archive blocks."""
+    """Appends members to a binary stream; ``finish`` writes the end-of-archive blocks.
 
-    def __init__(self, stream: BinaryIO) -> None:
+    ``hashed``: keep the SHA-256 of everything written (the digest shards.parquet records) as it goes,
+    so the shard is never read back to hash it.
+    """
+
+    def __init__(self, stream: BinaryIO, hashed: bool = False) -> None:
         self._stream = stream
+        self._digest = hashlib.sha256() if hashed else None
         self.bytes_written = 0
 
     def add(self, name: str, data: bytes) -> None:
@@ -95,6 +101,14 @@ class TarShardWriter:
         for part in parts:
             write(part)
             self.bytes_written += len(part)
+        if self._digest is not None:
+            for part in parts:
+                self._digest.update(part)
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex SHA-256 of the bytes written so far (of the whole tar after ``finish``); None unless hashed."""
+        return None if self._digest is None else self._digest.hexdigest()
 
     def finish(self) -> None:
         end = 2 * BLOCK

@@ -1,31 +1,12 @@
-"""Arrow schemas of every table `cli.py prepare` writes or passes between its steps."""
+"""Arrow schemas of every table `cli.py prepare` writes or passes between its steps.
+
+``reason`` columns hold ``RejectReason`` values (``schemas.reasons``); shards.parquet's schema lives
+with the card it backs (``schemas.card.SHARDS_SCHEMA``).
+"""
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from importlib import resources
-from typing import Any
-
 import pyarrow as pa
-
-SCHEMA_VERSION = 1
-
-REJECT_REASONS = (
-    "empty_file",
-    "unreadable",
-    "not_an_image",
-    "truncated",
-    "too_small",
-    "too_large",
-    "corrupt_tar",
-    "unsafe_tar_member",
-    "stray_file",
-    "empty_class",
-    "below_min_per_class",
-    "duplicate_input",
-    "no_label",
-)
 
 # Listing → planning (in memory; also kept in OUT/_work for resume). Compact, because the driver holds one
 # row per input (13 M for ImageNet-21K): folders, tars, classes and splits are dictionary-encoded, and a
@@ -92,9 +73,3 @@ CLASSES_SCHEMA = pa.schema(
     [("index", pa.int32()), ("name", pa.string()), ("train", pa.int64()), ("val", pa.int64())]
 )
 
-
-@cache
-def card_schema() -> dict[str, Any]:
-    """JSON Schema of dataset.json (schemas/dataset_card.schema.json)."""
-    text = resources.files(__package__).joinpath("dataset_card.schema.json").read_text()
-    return json.loads(text)

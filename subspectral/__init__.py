@@ -22,3 +22,18 @@ __version__ = "0.1.0"
 _checkout = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "pipeline").is_dir() and (_checkout / "pipeline" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 - the package's own search path
+
+
+_API = ("prepare", "train_member", "ensemble_eval", "PrepareResult", "TrainResult", "EnsembleResult")
+
+
+def __getattr__(name: str) -> object:
+    # The API (subspectral.api) is imported on first use: `import subspectral` stays light, for Ray workers.
+    if name in _API:
+        from subspectral import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'subspectral' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

@@ -1,22 +1,27 @@
-#!/usr/bin/env python3
 """subspectral: spectral sub-dataset training, from corpus to ensemble.
 
-    python cli.py prepare --out data/sample            # embedded sample corpus, --split 36
-    python cli.py prepare --src /data/imagenet21k --out s3://bucket/in21k-sub36 --ray-address auto
-    python cli.py train --data data/sample --shard 0 --config sample --out runs
-    python cli.py ensemble-eval --data data/sample --runs runs
+    subspectral prepare --out data/sample            # embedded sample corpus, --split 36
+    subspectral prepare --src /data/imagenet21k --out s3://bucket/in21k-sub36 --ray-address auto
+    subspectral train --data data/sample --shard 0 --config sample --out runs
+    subspectral ensemble-eval --data data/sample --runs runs
 
+``subspectral``, ``python -m subspectral`` and ``python cli.py`` (from a checkout) are this command.
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; heavy imports (Ray, torch) happen inside ``run`` so ``--help`` is instant.
+The command line is the only place that installs signal handlers, configures logging and prints;
+the Python API (``subspectral.prepare`` & co.) does none of that.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import signal
 import sys
 
+from subspectral import __version__
 from subspectral.train import stopping
 
 # name -> (module, one-line help). Order is the order of the chain.
@@ -27,13 +32,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def program_name() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "subspectral"
+    return "python -m subspectral" if name == "__main__.py" else name
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = program_name()
     parser = argparse.ArgumentParser(
-        prog="cli.py",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'cli.py COMMAND --help' for the options of each command.",
+        epilog=f"Run '{prog} COMMAND --help' for the options of each command.",
     )
+    parser.add_argument("--version", action="version", version=f"subspectral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -56,8 +68,30 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(message)
 
 
+class _ConsoleHandler(logging.Handler):
+    """Information to the current sys.stdout, warnings and errors to the current sys.stderr, as plain lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging's own policy for a handler that fails
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Show the package's log records (the library itself configures no handler)."""
+    logger = logging.getLogger("subspectral")
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return int(args._run(args) or 0)
 

@@ -42,11 +42,11 @@ def encode(pixels: np.ndarray | Image.Image, fmt: str = "JPEG", **options) -> by
 
 
 def run_cli(
-    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """Run ``python cli.py ARGS`` as a user would; returns the completed process (stdout/stderr as text)."""
+    """Run ``python cli.py ARGS`` in ``cwd`` as a user would; returns the completed process (stdout/stderr as text)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=full_env,
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=full_env,
                             capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"cli.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -155,3 +155,45 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
                         region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])
+
+
+# What torchrun sets: a test of another launcher starts its processes without them.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                      "MASTER_PORT")
+
+
+def run_as_srun_tasks(command: list[str], ntasks: int, env: dict | None = None,
+                      timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Start ``command`` as srun starts the ``ntasks`` tasks of a job step on one node: the same command,
+    each with only Slurm's variables to tell it its place (no torchrun, no MASTER_*), all at once.
+
+    The job id is chosen so that the rendezvous port train/distributed.py derives from it
+    (15000 + its last four digits) is free on loopback.
+    """
+    from subspectral.train.distributed import SLURM_BASE_PORT
+
+    for port in range(SLURM_BASE_PORT + os.getpid() % 5000, SLURM_BASE_PORT + 10000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    base = {key: value for key, value in os.environ.items()
+            if not key.startswith(("SLURM_", "TORCHELASTIC_")) and key not in LAUNCHER_VARIABLES}
+    base.update({"PYTHONPATH": str(REPO), **(env or {}), "SLURM_JOB_ID": str(port - SLURM_BASE_PORT),
+                 "SLURM_STEP_ID": "0", "SLURM_NTASKS": str(ntasks), "SLURM_JOB_NODELIST": "localhost",
+                 "SLURM_STEP_NODELIST": "localhost", "SLURM_NODEID": "0"})
+    tasks = [subprocess.Popen(command, cwd=REPO, env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(ntasks)]
+    results = []
+    try:
+        for task in tasks:
+            stdout, stderr = task.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(task.args, task.returncode, stdout, stderr))
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+                task.wait()
+    return results

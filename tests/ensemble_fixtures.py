@@ -1,5 +1,6 @@
 """Small prepared datasets and run folders in the exact on-disk formats (docs/format.md, run layout),
-for the ensemble tests. Written with ``tarfile`` so the tests do not depend on ``cli.py prepare``."""
+for the ensemble tests. Shards are written with ``tarfile`` so the tests do not depend on ``cli.py
+prepare``; the card, shard table and run records through the contract's own types (``subspectral.schemas``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import subspectral.schemas as schemas
+from subspectral.schemas.card import ByteCounts, Counts, Source, SplitSummary
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -38,56 +43,66 @@ def write_shard(path: Path, keys: Sequence[str], labels: Sequence[int], images: 
 
 
 def class_table_sha256(num_classes: int) -> str:
-    return hashlib.sha256("\n".join(f"c{i}" for i in range(num_classes)).encode()).hexdigest()
+    return schemas.class_table_sha256(f"c{i}" for i in range(num_classes))
 
 
 def make_dataset(
     root: Path, images: np.ndarray, labels: Sequence[int], num_classes: int, shard_size: int = 3
 ) -> dict:
-    """``images[k, i]`` is sub-image k of val sample i (npy, any HWC shape); returns the card."""
+    """``images[k, i]`` is sub-image k of val sample i (npy, any HWC shape); returns the card (dataset.json).
+
+    Writes dataset.json and shards.parquet as ``cli.py prepare`` does: the card validates and the
+    shards' digests are those of the tars written here."""
     num_subs, num_samples = images.shape[:2]
-    names = [f"sub-{k:02d}" for k in range(num_subs)]
+    names = schemas.sub_dataset_names(num_subs)
     keys = [f"img_{i:04d}" for i in range(num_samples)]
     starts = list(range(0, num_samples, shard_size))
-    for k, name in enumerate(names):
-        for j, start in enumerate(starts):
-            part = slice(start, start + shard_size)
-            write_shard(root / name / f"val-{j:06d}.tar", keys[part], labels[part], images[k, part])
-    card = {
-        "schema": "subspectral-dataset",
-        "schema_version": 1,
-        "split": num_subs,
-        "grid": int(round(num_subs**0.5)),
-        "size": int(images.shape[2]),
-        "transform": "none",
-        "dct_scale": None,
-        "format": "npy",
-        "num_classes": num_classes,
-        "class_table_sha256": class_table_sha256(num_classes),
-        "sub_datasets": names,
-        "splits": {
-            "train": {"shards": 0, "samples": 0},
-            "val": {"shards": len(starts), "samples": num_samples},
+    tables = []
+    for j, start in enumerate(starts):
+        part = slice(start, start + shard_size)
+        for k, name in enumerate(names):
+            write_shard(root / name / schemas.shard_file("val", j), keys[part], labels[part], images[k, part])
+        paths = [root / name / schemas.shard_file("val", j) for name in names]
+        tables.append(schemas.shards_table("val", j, len(keys[part]), [p.stat().st_size for p in paths],
+                                           [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]))
+    shards = pa.concat_tables(tables)
+    pq.write_table(shards, root / "shards.parquet")
+    val_files = [schemas.shard_file("val", j) for j in range(len(starts))]
+    digests = shards.to_pylist()
+    size = int(images.shape[2])
+    card = schemas.DatasetCard(
+        tool_version="test", split=num_subs, grid=int(round(num_subs**0.5)), size=size,
+        image_size=int(round(num_subs**0.5)) * size, sample_shape=(size, size, 3),
+        sample_dtype=images.dtype.name, resize_mode="center-crop", transform="none", dct_scale=None, format="npy",
+        quality=95, seed=0, shard_size=shard_size, val_per_class=0, min_per_class=0, min_side=1, max_pixels=1 << 30,
+        num_classes=num_classes, class_table_sha256=class_table_sha256(num_classes), sub_datasets=tuple(names),
+        splits={
+            "train": SplitSummary(0, 0),
+            "val": SplitSummary(len(starts), num_samples, tuple(
+                schemas.listing_sha256(val_files, [r["sha256"] for r in digests if r["sub_dataset"] == k])
+                for k in range(num_subs))),
         },
-    }
-    (root / "dataset.json").write_text(json.dumps(card))
-    return card
+        counts=Counts(num_samples, num_samples, 0, {}),
+        bytes=ByteCounts(int(sum(shards.column("bytes").to_pylist())),
+                         tuple(sum(r["bytes"] for r in digests if r["sub_dataset"] == k) for k in range(num_subs)),
+                         0.0),
+        source=Source((str(root),), "imagefolder"), pil="test",
+    )
+    document = card.to_json()
+    (root / "dataset.json").write_text(json.dumps(document))
+    return document
 
 
 def make_run(runs: Path, card: dict, shard: int, top1: float, backend: str, data: str, **extra) -> Path:
-    """RUNS/sub-KK with run.json and final.json; ``extra`` overrides run.json fields."""
+    """RUNS/sub-KK with run.json (the record of a member trained on ``card``) and final.json; ``extra``
+    overrides run.json fields."""
     path = runs / card["sub_datasets"][shard]
     path.mkdir(parents=True, exist_ok=True)
-    run = {
-        "backend": backend,
-        "shard": shard,
-        "data": data,
-        **{f: card[f] for f in ("class_table_sha256", "num_classes", "split", "size", "transform", "format")},
-        "model": {},
-        "recipe": {},
-        **extra,
-    }
-    (path / "run.json").write_text(json.dumps(run))
+    spec = schemas.ModelSpec(name="resnet18", stem="imagenet", head="linear", ebv_dim=None, ebv_tau=0.07, ebv_seed=42,
+                             ebv_threshold=0.002, input=schemas.InputConstants(1 / 255, (0.5,) * 3, (0.5,) * 3))
+    record = schemas.RunRecord.for_member(schemas.DatasetCard.from_json(card), shard, data, backend=backend,
+                                          recipe="fixture", model=spec)
+    (path / "run.json").write_text(json.dumps({**record.to_json(), **extra}))
     (path / "final.json").write_text(json.dumps({"top1": top1, "top5": 1.0}))
     return path
 

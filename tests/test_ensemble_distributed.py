@@ -1,4 +1,5 @@
-"""ensemble-eval split across two torchrun workers (gloo, CPU) equals the single-process run exactly."""
+"""ensemble-eval split across two workers (gloo, CPU), started by torchrun or by srun, equals the single-process
+run exactly."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_as_srun_tasks
 from ensemble_fixtures import make_dataset, make_torch_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _torchrun(argv: list[str]) -> list[subprocess.CompletedProcess]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return [subprocess.run([*torchrun, *argv], cwd=ROOT, capture_output=True, text=True)]
+
+
+def _srun(argv: list[str]) -> list[subprocess.CompletedProcess]:
+    return run_as_srun_tasks([sys.executable, *argv], ntasks=2)
+
+
 @pytest.mark.slow
-def test_two_workers_merge_to_the_single_process_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launch", [_torchrun, _srun], ids=["torchrun", "srun"])
+def test_two_workers_merge_to_the_single_process_result(tmp_path: Path, launch) -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, 11).tolist()
     images = rng.integers(0, 256, (4, 11, 16, 16, 3), dtype=np.uint8)
@@ -29,10 +41,8 @@ def test_two_workers_merge_to_the_single_process_result(tmp_path: Path) -> None:
     single = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    split = subprocess.run([*torchrun, *command, "--out", str(tmp_path / "two")], cwd=ROOT,
-                           capture_output=True, text=True)
-    assert split.returncode == 0, split.stderr
+    for split in launch([*command, "--out", str(tmp_path / "two")]):
+        assert split.returncode == 0, split.stderr
 
     one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
     assert two["workers"] == 2 and one["workers"] == 1

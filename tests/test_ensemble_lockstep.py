@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ensemble_fixtures import make_dataset, write_shard
+from subspectral.schemas import DatasetCard
 from subspectral.train.ensemble.lockstep import Lockstep, MisalignedError, Stream
-from subspectral.train.stream import shard_uris
+from subspectral.train.prepared import shard_uris
 
 NUM_SAMPLES = 7
 LABELS = [0, 1, 2, 0, 1, 2, 0]
@@ -25,7 +26,7 @@ def dataset(tmp_path: Path) -> tuple[Path, dict, np.ndarray]:
 
 def streams(root: Path, card: dict) -> list[Stream]:
     return [
-        Stream(name, shard_uris(str(root), card, k, "val"), (4, 4, 3), np.dtype(np.uint8))
+        Stream(name, shard_uris(str(root), DatasetCard.from_json(card), k, "val"), (4, 4, 3), np.dtype(np.uint8))
         for k, name in enumerate(card["sub_datasets"])
     ]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ensemble_fixtures import make_dataset, make_run, make_torch_run
+from subspectral.schemas import DatasetCard
 from subspectral.train.checkpoint import load_trained_model
 from subspectral.train.ensemble.members import MemberError, check_compatible, discover_runs, load_member, read_run
 
@@ -43,7 +44,7 @@ def test_run_folder_for_another_shard_is_refused(tmp_path: Path, card: dict) -> 
 def test_member_of_other_data_is_refused(tmp_path: Path, card: dict, field: str, value) -> None:
     run = read_run(make_run(tmp_path, card, 0, 50.0, backend="torch", data="d", **{field: value}))
     with pytest.raises(MemberError, match=f"trained with {field}={value!r}"):
-        check_compatible(run, card, "DATA")
+        check_compatible(run, DatasetCard.from_json(card), "DATA")
 
 
 def test_unknown_backend_names_the_known_ones(tmp_path: Path, card: dict) -> None:

@@ -46,7 +46,7 @@ OWN_TOP1 = {1: 80.0, 2: 60.0, 0: 50.0}  # percent, as the trainer writes final.j
 
 class PixelMember:
     def __init__(self, run: FinishedRun) -> None:
-        self.shard, self.meta = run.shard, run.run
+        self.shard, self.meta = run.shard, run.record.to_json()
 
     def predict(self, images: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(images).reshape(len(images), -1)[:, :C].float()
@@ -183,7 +183,7 @@ def test_misaligned_shards_stop_the_stage(stage, capsys) -> None:
 
 def test_empty_val_split_is_one_clear_error(stage, capsys) -> None:
     data, runs, card = stage
-    card["splits"]["val"] = {"shards": 0, "samples": 0}
+    card["splits"]["val"] = {**card["splits"]["val"], "shards": 0, "samples": 0}
     (data / "dataset.json").write_text(json.dumps(card))
     assert run_stage(data, runs) == 2
     assert "val split is empty" in capsys.readouterr().err

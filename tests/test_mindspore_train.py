@@ -56,6 +56,18 @@ def test_graph_mode_learns_above_chance_in_the_torch_run_layout(graph_run):
     assert not [p for p in graph_run.iterdir() if p.name.startswith(".")]  # no temporary checkpoint left
 
 
+def test_final_safetensors_of_a_trained_member_loads_into_torchvision(graph_run):
+    import torchvision
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = graph_run / "final.safetensors"
+    with safe_open(path, "pt") as handle:
+        assert json.loads(handle.metadata()["subspectral.run"]) == json.loads((graph_run / "run.json").read_text())
+    net = torchvision.models.resnet18(num_classes=10)  # the sample recipe: resnet18, imagenet stem
+    net.load_state_dict(load_file(path))  # strict
+
+
 def test_pynative_mode_trains(prepared_sample, tmp_path):
     _train(prepared_sample, tmp_path, 2, "schedule.epochs=1", options=("--mode", "pynative"))
     final = json.loads((tmp_path / "sub-02" / "final.json").read_text())

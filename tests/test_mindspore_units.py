@@ -19,7 +19,8 @@ from subspectral.train.mindspore.data import train_dataset  # noqa: E402
 from subspectral.train.mindspore.ebv import generate_basis  # noqa: E402
 from subspectral.train.mindspore.models import ARCHS, count_parameters, create_model, ebv_basis_of  # noqa: E402
 from subspectral.train.mindspore.step import learning_rates, precision_for  # noqa: E402
-from subspectral.train.stream import TrainStream, read_card, shard_uris  # noqa: E402
+from subspectral.train.prepared import read_card, shard_uris  # noqa: E402
+from subspectral.train.stream import TrainStream  # noqa: E402
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -135,27 +136,59 @@ def test_missing_mindspore_is_one_clear_line(monkeypatch):
 
 
 def test_member_loader_predicts_what_the_network_computes(tmp_path):
+    from ensemble_fixtures import make_dataset, make_run
     from subspectral.train.ensemble.members import load_member, read_run
     from subspectral.train.mindspore.checkpoint import save_basis
 
     basis = generate_basis(5, 5, 0.002, 42, 200)
     network = create_model("resnet18", 5, stem="imagenet", head="ebv", ebv_basis=basis)
     network.set_train(False)
-    spec = {"name": "resnet18", "stem": "imagenet", "head": "ebv", "ebv_dim": 5, "ebv_tau": 0.07,
-            "input": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}
-    meta = {"backend": "mindspore", "shard": 0, "num_classes": 5, "model": spec}
-    (tmp_path / "run.json").write_text(json.dumps(meta))
-    (tmp_path / "final.json").write_text(json.dumps({"top1": 50.0}))
-    save_ckpt(network, tmp_path / "final.ckpt", meta, standalone=True)
-    save_basis(tmp_path, basis)
-    member = load_member(read_run(tmp_path), torch.device("cpu"))
+    spec = {"name": "resnet18", "stem": "imagenet", "head": "ebv", "ebv_dim": 5, "ebv_tau": 0.07, "ebv_seed": 42,
+            "ebv_threshold": 0.002, "input": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    card = make_dataset(tmp_path / "data", np.zeros((1, 2, 16, 16, 3), np.uint8), [0, 1], num_classes=5)
+    run_dir = make_run(tmp_path / "runs", card, 0, 50.0, backend="mindspore", data=str(tmp_path / "data"),
+                       model=spec)
+    meta = json.loads((run_dir / "run.json").read_text())
+    save_ckpt(network, run_dir / "final.ckpt", meta, standalone=True)
+    save_basis(run_dir, basis)
+    member = load_member(read_run(run_dir), torch.device("cpu"))
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     logits = member.predict(images)
     assert logits.dtype == torch.float32 and logits.shape == (3, 5)
     assert np.allclose(logits.numpy(), network(ms.Tensor(images)).asnumpy(), atol=1e-5)
     assert torch.equal(member.predict(images.transpose(0, 3, 1, 2)), logits)
-    save_basis(tmp_path, np.eye(5, dtype=np.float32))
+    save_basis(run_dir, np.eye(5, dtype=np.float32))
     from subspectral.train.ensemble.members import MemberError
 
     with pytest.raises(MemberError, match="EBV basis in the weights differs"):
-        load_member(read_run(tmp_path), torch.device("cpu"))
+        load_member(read_run(run_dir), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("stem", "head", "tags"), [
+    ("lowres", "linear", ["open", "lowres stem", "input", "logits"]),
+    ("imagenet", "ebv", ["open", "input", "ebv"]),
+])
+def test_final_safetensors_loads_into_torchvision_with_the_same_logits(tmp_path, stem, head, tags):
+    """A MindSpore member's final.safetensors, loaded as docs/training.md shows, computes what MindSpore computes."""
+    from subspectral.train.mindspore.checkpoint import save_portable
+    from subspectral.train.mindspore.models import ebv_heads
+    from test_portable_checkpoint import DOC_PATH, doc_block
+
+    rng = np.random.default_rng(0)
+    basis = generate_basis(10, 6, 0.002, 42, 200) if head == "ebv" else None
+    network = create_model("resnet18", 10, stem=stem, head=head, ebv_basis=basis, mean=(0.4, 0.5, 0.6),
+                           std=(0.2, 0.25, 0.3))
+    for name, param in network.parameters_and_names():  # BatchNorm statistics that are not the defaults
+        if name.endswith(("moving_mean", "moving_variance")):
+            low = 0.5 if name.endswith("variance") else -0.2
+            param.set_data(ms.Tensor(rng.uniform(low, low + 0.7, param.shape).astype(np.float32)))
+    network.set_train(False)
+    meta = {"model": {"input": {"scale": 1 / 255, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
+                      "ebv_tau": 0.07}, "num_classes": 10}
+    save_portable(tmp_path / "final.safetensors", network.net, ebv_heads(network.net), meta)
+    images = rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    namespace = {"images": images}
+    for tag in tags:
+        exec(doc_block(tag).replace(DOC_PATH, str(tmp_path / "final.safetensors")), namespace)  # noqa: S102
+    expected = network(ms.Tensor(images)).asnumpy()
+    assert np.allclose(namespace["logits"].detach().numpy(), expected, rtol=1e-3, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.models as tvm
+from subspectral.schemas import InputConstants, ModelSpec
 from subspectral.train.models import MODEL_BUILDERS, create_model, ebv_basis_of, model_from_run
 
 
@@ -54,10 +55,10 @@ def test_input_norm_maps_uint8_to_the_recipe_range():
 
 
 def test_ebv_model_rebuilds_from_run_json_with_identical_outputs():
-    spec = {"name": "resnet18", "stem": "imagenet", "head": "ebv", "ebv_dim": 16, "ebv_tau": 0.07,
-            "ebv_seed": 3, "ebv_threshold": 0.002, "input": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    spec = ModelSpec(name="resnet18", stem="imagenet", head="ebv", ebv_dim=16, ebv_tau=0.07, ebv_seed=3,
+                     ebv_threshold=0.002, input=InputConstants(1 / 255, (0.5,) * 3, (0.5,) * 3))
     trained = create_model("resnet18", 10, stem="imagenet", head="ebv", ebv_dim=16, ebv_seed=3).eval()
-    rebuilt = model_from_run({"num_classes": 10, "model": spec})
+    rebuilt = model_from_run(spec, 10)
     rebuilt.load_state_dict(trained.state_dict())
     assert torch.equal(ebv_basis_of(rebuilt), ebv_basis_of(trained))
     batch = torch.randint(0, 256, (2, 56, 56, 3), dtype=torch.uint8)

@@ -12,7 +12,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,7 +27,7 @@ from subspectral.pipeline.plan import PlanOptions
 from subspectral.pipeline.prepare import PrepareOptions, prepare, reject_failure
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
-from subspectral.schemas import card_schema
+from subspectral.schemas import DatasetCard
 from subspectral.schemas.bands import decode_band
 
 
@@ -52,7 +51,7 @@ def read_sub_dataset(out: Path, name: str, split: str) -> list[dict]:
 def assert_aligned(out: Path) -> dict:
     """Every sub-dataset holds the same keys in the same shards in the same order; returns the card."""
     card = json.loads((out / "dataset.json").read_text())
-    jsonschema.validate(card, card_schema())
+    DatasetCard.from_json(card)  # valid against the JSON Schema, consistent, of this version
     for split, info in card["splits"].items():
         for j in range(info["shards"]):
             reference = None
@@ -346,7 +345,7 @@ def test_cli_warns_of_classes_left_short_after_rejects(tmp_path):
                      "--shard-size", "100", "--min-per-class", "12", "--val-per-class", "2", "--executor", "serial")
     assert "21 written + 3 rejected = 24 inputs" in result.stdout
     card = json.loads((out / "dataset.json").read_text())
-    assert card["counts"]["short_classes"] == {"below_min_per_class": [["a", 9]], "below_val_per_class": [["a", 0]]}
+    assert card["counts"]["short_classes"] == {"min_per_class": [["a", 9]], "val_per_class": [["a", 0]]}
     assert ("warning: 1 classes got fewer written images than --min-per-class asked after rejects (a 9)"
             in result.stdout)
     assert "warning: 1 classes got fewer written val images than --val-per-class asked" in result.stdout

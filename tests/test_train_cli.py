@@ -12,8 +12,9 @@ from conftest import run_cli
 from safetensors.torch import load_file
 from subspectral.train.checkpoint import load_trained_model, save_torch
 from subspectral.train.data import make_loader
+from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.run import same_file_as
-from subspectral.train.stream import EvalStream, read_card, shard_uris
+from subspectral.train.stream import EvalStream
 
 QUICK = ("--no-progress", "schedule.epochs=1", "data.batch_size=100")  # one 5-step epoch
 
@@ -40,7 +41,7 @@ def test_run_folder_follows_the_layout(sample_run, prepared_sample):
     run = json.loads((sample_run / "run.json").read_text())
     assert run["backend"] == "torch" and run["shard"] == 5 and run["recipe"] == "sample"
     assert (run["class_table_sha256"], run["num_classes"], run["split"]) == (
-        card["class_table_sha256"], 10, 36)
+        card.class_table_sha256, 10, 36)
     assert run["model"]["name"] == "resnet18" and run["model"]["input"]["scale"] == pytest.approx(1 / 255)
     lines = [json.loads(line) for line in (sample_run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == list(range(1, len(lines) + 1))
@@ -77,6 +78,18 @@ def test_final_weights_reproduce_final_json(sample_run, prepared_sample):
     assert 100 * hits / total == pytest.approx(json.loads((sample_run / "final.json").read_text())["top1"])
 
 
+def test_final_safetensors_is_the_plain_torchvision_network(sample_run):
+    """What the trainer wrote loads strictly into torchvision's resnet18 and computes the member's logits."""
+    import torchvision
+
+    model, meta = load_trained_model(sample_run)
+    net = torchvision.models.resnet18(num_classes=meta["num_classes"])
+    net.load_state_dict(load_file(sample_run / "final.safetensors"))  # strict
+    images = torch.randint(0, 256, (3, 56, 56, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(model.input_norm(images)), model(images))
+
+
 def test_ebv_run_saves_the_basis_it_trained_with(prepared_sample, tmp_path):
     run_cli("train", "--data", str(prepared_sample), "--shard", "1", "--out", str(tmp_path), *QUICK,
             "model.head=ebv", "model.ebv_dim=16", "train.ema_decay=0.9")
@@ -85,6 +98,7 @@ def test_ebv_run_saves_the_basis_it_trained_with(prepared_sample, tmp_path):
     assert saved.shape == (10, 16)
     assert torch.equal(torch.load(run_dir / "final.pt", weights_only=True)["model"]["net.fc.basis"], saved)
     assert torch.equal(torch.load(run_dir / "last.pt", weights_only=True)["model"]["net.fc.basis"], saved)
+    assert torch.equal(load_file(run_dir / "final.safetensors")["ebv_basis"], saved)  # the basis travels with it
     model, meta = load_trained_model(run_dir)
     assert meta["model"]["head"] == "ebv" and meta["model"]["ebv_dim"] == 16
     assert json.loads((run_dir / "final.json").read_text())["ema"] is True

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from subspectral.schemas import RunRecord
 from subspectral.train.checkpoint import load_trained_model
 from subspectral.train.models import model_from_run
 
@@ -49,7 +50,8 @@ def test_checkpoints_of_a_compiled_run_load_into_a_plain_model(compiled_run):
     for name in ("last.pt", "best.pt", "final.pt"):
         checkpoint = torch.load(run_dir / name, weights_only=True)
         assert not [key for key in checkpoint["model"] if "_orig_mod" in key], name
-        model_from_run(checkpoint["meta"]).load_state_dict(checkpoint["model"])  # strict: every key matches
+        record = RunRecord.from_json(checkpoint["meta"])
+        model_from_run(record.model, record.num_classes).load_state_dict(checkpoint["model"])  # strict: every key
     final, meta = load_trained_model(run_dir)
     last, _ = load_trained_model(run_dir, "last")
     assert meta["shard"] == 3 and not final.training

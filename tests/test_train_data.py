@@ -15,6 +15,7 @@ import torch
 import webdataset as wds
 from subspectral.train.config import DataConfig
 from subspectral.train.data import make_loader
+from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.shards import CorruptShard, iter_samples
 from subspectral.train.storage import DataError
 from subspectral.train.stream import (
@@ -26,8 +27,6 @@ from subspectral.train.stream import (
     piece_samples,
     piece_source,
     pieces_for_slot,
-    read_card,
-    shard_uris,
 )
 
 
@@ -82,7 +81,7 @@ def _stream(data: Path, world: int, rank: int, batch: int, seed: int = 0, **conf
     card = read_card(str(data))
     uris = shard_uris(str(data), card, 0, "train")
     return TrainStream(uris, card, DataConfig(**config), batch_size=batch,
-                       batches_per_epoch=card["splits"]["train"]["samples"] // (batch * world),
+                       batches_per_epoch=card.splits["train"].samples // (batch * world),
                        rank=rank, world=world, seed=seed)
 
 
@@ -171,6 +170,6 @@ def test_incomplete_dataset_and_bad_shard_are_refused(prepared_sample, tmp_path)
     card = read_card(str(prepared_sample))
     with pytest.raises(DataError, match="shard 36 is out of range"):
         shard_uris(str(prepared_sample), card, 36, "train")
-    (tmp_path / "dataset.json").write_text(json.dumps(card))
+    (tmp_path / "dataset.json").write_text(json.dumps(card.to_json()))
     with pytest.raises(DataError, match="sub-dataset 0 is missing"):
         shard_uris(str(tmp_path), card, 0, "train")

@@ -1,4 +1,5 @@
-"""DDP: two CPU processes (torchrun, gloo) train like one process with the same global batch.
+"""DDP: two CPU processes (gloo) train like one process with the same global batch, whether torchrun
+started them or srun did (Slurm's variables only, no torchrun: train/distributed.py reads them).
 
 BatchNorm normalises over each rank's half of a batch, which changes the gradients a lot (measured:
 relative difference 0.8 at initialisation) against one process normalising over the whole batch.
@@ -16,8 +17,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_as_srun_tasks, run_cli
 from subspectral.train.models import create_model
 
 # Stream order, no augmentation, plain SGD: both runs see the same global batches in the same order.
@@ -49,25 +51,42 @@ def _update(run_dir: Path, initial: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(final[k].double() - initial[k].double()).flatten() for k in initial])
 
 
-def test_two_gloo_processes_match_one_process(prepared_sample, tmp_path):
-    data = _one_shard_copy(prepared_sample, tmp_path / "data")
+@pytest.fixture(scope="module")
+def one_process(prepared_sample, tmp_path_factory) -> tuple[Path, Path]:
+    """The one-shard data and the single process's run: 2 micro-batches, split the way 2 ranks split the data."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = _one_shard_copy(prepared_sample, root / "data")
     # One thread per process everywhere: CPU kernels round differently with other thread counts.
-    run_cli("train", "--data", str(data), "--out", str(tmp_path / "one"), *ARGS, "train.accumulate_steps=2",
+    run_cli("train", "--data", str(data), "--out", str(root / "one"), *ARGS, "train.accumulate_steps=2",
             env={"OMP_NUM_THREADS": "1"})
+    return data, root / "one" / "sub-00"
+
+
+def _torchrun(argv: list[str]) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(REPO / "cli.py"), "train", "--data", str(data), "--out", str(tmp_path / "two"), *ARGS],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return [subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)]
+
+
+def _srun(argv: list[str]) -> list[subprocess.CompletedProcess]:
+    return run_as_srun_tasks([sys.executable, *argv], ntasks=2, env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("launch", [_torchrun, _srun], ids=["torchrun", "srun"])
+def test_two_gloo_processes_match_one_process(one_process, launch, tmp_path):
+    data, one_run = one_process
+    results = launch([str(REPO / "cli.py"), "train", "--data", str(data), "--out", str(tmp_path / "two"), *ARGS])
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
 
     torch.manual_seed(0)  # the trainer seeds, then builds the model: the same initial weights
     model = create_model("resnet18", 10, stem="imagenet")
     initial = {name: param.detach().clone() for name, param in model.named_parameters()}
-    one, two = _update(tmp_path / "one" / "sub-00", initial), _update(tmp_path / "two" / "sub-00", initial)
+    one, two = _update(one_run, initial), _update(tmp_path / "two" / "sub-00", initial)
     assert one.norm() > 0
     relative = float((one - two).norm() / one.norm())
     assert relative < 1e-4, relative
-    final_one = json.loads((tmp_path / "one" / "sub-00" / "final.json").read_text())
+    final_one = json.loads((one_run / "final.json").read_text())
     final_two = json.loads((tmp_path / "two" / "sub-00" / "final.json").read_text())
     assert final_two["val_samples"] == final_one["val_samples"] == 100
     metrics = json.loads((tmp_path / "two" / "sub-00" / "metrics.jsonl").read_text().splitlines()[0])

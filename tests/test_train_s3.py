@@ -71,8 +71,8 @@ def test_train_and_ensemble_eval_from_s3(s3_data, s3_env, prepared_sample, tmp_p
 
 
 def test_storage_reads_the_s3_copy_as_the_local_one(s3_data, s3_env, prepared_sample, monkeypatch):
+    from subspectral.train.prepared import read_card, shard_uris
     from subspectral.train.storage import exists, join, read_bytes
-    from subspectral.train.stream import read_card, shard_uris
 
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)

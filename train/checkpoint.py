@@ -1,7 +1,10 @@
 """The torch backend's run-folder files: checkpoints (weights_only loads), the EBV basis file, the trained model.
 
 A run folder ``RUNS/sub-KK/`` holds config.yaml, run.json, metrics.jsonl, tb/, last.pt, best.pt,
-ebv_basis.safetensors (EBV heads only), final.pt and final.json (written last: the member is done).
+ebv_basis.safetensors (EBV heads only), final.pt, final.safetensors and final.json (written last:
+the member is done). final.pt is this tool's (the ``SubNetwork``: input normalisation + ``net.``);
+final.safetensors is for any other tool: the torchvision network's own state dict (docs/training.md,
+"Using a member outside subspectral").
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from subspectral.train.models import ebv_basis_of, model_from_run
+from subspectral.schemas import ContractError, RunRecord
+from subspectral.train import portable
+from subspectral.train.ebv import EBVHead
+from subspectral.train.models import SubNetwork, ebv_basis_of, model_from_run
+from subspectral.train.portable import portable_name
 from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError, atomic_write
 from torch import nn
 
@@ -88,7 +95,24 @@ def load_trained_model(run_dir: str | Path, weights: str = "final") -> tuple[nn.
         raise CheckpointError(f"{path} does not exist (is the member finished?)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     meta = checkpoint["meta"]
-    model = model_from_run(meta)
+    try:
+        record = RunRecord.from_json(meta, f"{path}'s run record")
+    except ContractError as exc:
+        raise CheckpointError(str(exc)) from exc
+    model = model_from_run(record.model, record.num_classes)
     model.load_state_dict(checkpoint["model"])
     verify_basis(run_dir, model)
     return model.eval(), meta
+
+
+def portable_state_dict(model: SubNetwork) -> dict[str, torch.Tensor]:
+    """The member's torchvision network as torchvision names it (``train.portable``)."""
+    heads = {name for name, module in model.net.named_modules() if isinstance(module, EBVHead)}
+    return {portable_name(name, heads): tensor.detach().cpu().contiguous()
+            for name, tensor in model.net.state_dict().items()}
+
+
+def save_portable(path: Path, model: SubNetwork, meta: dict[str, Any]) -> None:
+    """final.safetensors: ``portable_state_dict(model)``, with run.json in the metadata."""
+    tensors = portable_state_dict(model)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=portable.metadata(meta)))

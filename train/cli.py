@@ -5,6 +5,7 @@
     python cli.py train --data DATA --shard 7 --config imagenet21k-sub36 --out runs optimizer.lr=0.01
     torchrun --nproc-per-node 8 cli.py train --data s3://bucket/in21k-sub36 --shard 7 --config \\
         imagenet21k-sub36 --out runs --device cuda                                    # DDP, one member
+    srun --ntasks-per-node 8 python cli.py train --data DATA --shard 7 ...           # DDP under Slurm, no torchrun
     python cli.py train --list-recipes
 
 Member k's run lives in OUT/sub-KK/ (see docs/training.md). --resume continues a killed run

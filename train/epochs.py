@@ -9,17 +9,20 @@ link to ``last``, final.json) is decided here once, so torch and MindSpore run f
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import ConfigError, Recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import CheckpointError, same_file_as, write_json, write_text
 from subspectral.train.storage import DataError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,14 @@ class EpochPlan:
                    world=world, progress=progress, label=label)
 
 
-def batches_per_epoch(card: dict[str, Any], batch: int, world: int) -> int:
+def batches_per_epoch(card: DatasetCard, batch: int, world: int) -> int:
     """Full global batches per epoch; refuses a batch that does not split over the ranks or exceeds the data."""
     if batch % world:
         raise ConfigError(f"data.batch_size={batch} does not divide over {world} processes")
-    batches = int(card["splits"]["train"]["samples"]) // batch
+    samples = card.splits["train"].samples
+    batches = samples // batch
     if batches == 0:
-        raise ConfigError(f"data.batch_size={batch} exceeds the {card['splits']['train']['samples']} "
-                          "training samples of a sub-dataset")
+        raise ConfigError(f"data.batch_size={batch} exceeds the {samples} training samples of a sub-dataset")
     return batches
 
 
@@ -85,7 +88,7 @@ class EpochLog:
         summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
         if "top1" in line:
             summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
-        print(f"[{self.prefix}] {summary}", file=sys.stderr)
+        _log.info(f"[{self.prefix}] {summary}")
 
     def close(self) -> None:
         self.writer.close()

@@ -4,7 +4,7 @@ Every model takes the samples exactly as stored in the shards, stacked: an integ
 N x H x W x 3 (uint8, or int16 DCT bands); ``InputNorm`` turns it into the normalised float
 NCHW tensor on whatever device the model is on. The NHWC -> NCHW permute of a contiguous batch is
 already channels_last in memory, so no copy is made. An evaluator rebuilds a member with
-``model_from_run(run_json)`` and loads its state_dict: the normalisation constants and the EBV
+``model_from_run(record.model, record.num_classes)`` and loads its state_dict: the normalisation constants and the EBV
 basis are buffers in it.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.models as tvm
+from subspectral.schemas import ModelSpec
 from subspectral.train.ebv import EBVHead, generate_ebv
 from torch import nn
 
@@ -133,18 +134,13 @@ def ebv_basis_of(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def model_from_run(run: dict) -> SubNetwork:
-    """Rebuild a member from its run.json content, ready for ``load_state_dict``.
+def model_from_run(spec: ModelSpec, num_classes: int) -> SubNetwork:
+    """Rebuild a member from its run record (``record.model``, ``record.num_classes``), ready for ``load_state_dict``.
 
     The EBV basis is a placeholder of the right shape (its values come from the state_dict), so no
     basis is regenerated here.
     """
-    spec = run["model"]
-    num_classes = int(run["num_classes"])
-    placeholder = None
-    if spec["head"] == "ebv":
-        placeholder = torch.zeros(num_classes, int(spec["ebv_dim"]))
-    return create_model(spec["name"], num_classes, stem=spec["stem"], head=spec["head"],
-                        ebv_dim=spec.get("ebv_dim"), ebv_tau=float(spec.get("ebv_tau", 0.07)),
-                        ebv_basis=placeholder, input_scale=float(spec["input"]["scale"]),
-                        mean=spec["input"]["mean"], std=spec["input"]["std"])
+    placeholder = torch.zeros(num_classes, spec.ebv_dim) if spec.head == "ebv" else None
+    return create_model(spec.name, num_classes, stem=spec.stem, head=spec.head, ebv_dim=spec.ebv_dim,
+                        ebv_tau=spec.ebv_tau, ebv_basis=placeholder, input_scale=spec.input.scale,
+                        mean=spec.input.mean, std=spec.input.std)

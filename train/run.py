@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from subspectral.schemas import DatasetCard, InputConstants, ModelSpec, RunRecord
 from subspectral.train.config import ConfigError, Recipe
+from subspectral.train.storage import absolute_uri
 
 BASIS_FILE = "ebv_basis.safetensors"
-# run.json fields that must agree between a checkpoint and the run resuming from it.
-IDENTITY_FIELDS = ("shard", "class_table_sha256", "num_classes", "split", "format", "transform", "model")
+# run.json fields that must agree between a checkpoint and the run resuming from it ("dataset": the same data,
+# wherever it is stored now).
+IDENTITY_FIELDS = ("shard", "class_table_sha256", "num_classes", "split", "format", "transform", "model", "dataset")
 # Each backend's resumable checkpoint in a run folder.
 LAST_CHECKPOINT = {"torch": "last.pt", "mindspore": "last.ckpt"}
 
@@ -31,7 +34,7 @@ class CheckpointError(ValueError):
 class MemberJob:
     """Which member to train, from which data, into which runs folder."""
 
-    data: str
+    data: str  # absolute path or URI (TrainOptions makes it so)
     shard: int
     out: Path
     resume: bool
@@ -49,6 +52,10 @@ class TrainOptions:
     device: str = "auto"  # torch: auto | cpu | cuda
     device_target: str = "CPU"  # mindspore: CPU | GPU | Ascend
     mode: str = "graph"  # mindspore: graph | pynative
+
+    def __post_init__(self) -> None:
+        # run.json records where the data is; a relative path would only hold from this directory.
+        object.__setattr__(self, "data", absolute_uri(self.data))
 
 
 @dataclass
@@ -78,16 +85,16 @@ def parse_shards(text: str, count: int) -> list[int]:
     return shards
 
 
-def select_members(data: str, text: str) -> tuple[dict, list[int]]:
+def select_members(data: str, text: str) -> tuple[DatasetCard, list[int]]:
     """The dataset card of ``data`` and the members ``text`` (--shard) names in it."""
+    from subspectral.train.prepared import read_card
     from subspectral.train.storage import DataError
-    from subspectral.train.stream import read_card
 
     try:
         card = read_card(data)
     except OSError as exc:  # the store cannot be reached or read: endpoint, network, credentials, permissions
         raise DataError(f"cannot read {data}: {' '.join(str(exc).split())}") from exc
-    return card, parse_shards(text, int(card["split"]))
+    return card, parse_shards(text, card.split)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -120,34 +127,30 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def input_constants(card: dict, shard: int, recipe: Recipe) -> dict[str, Any]:
+def input_constants(card: DatasetCard, shard: int, recipe: Recipe) -> InputConstants:
     """Scale, mean and std that map stored sample values to network input (see docs/training.md)."""
-    mean = list(recipe.data.mean)
-    if card["transform"] == "dct":
+    mean = tuple(recipe.data.mean)
+    if card.transform == "dct":
         # Band values are round(coef * dct_scale) with |coef| <= 255 * grid (band 0: r x block mean),
         # so this scale maps band 0 into [0, 1]; the other bands are centred on 0 and get no mean.
-        grid = int(card.get("grid", round(int(card["split"]) ** 0.5)))
-        scale = 1.0 / (255.0 * grid * float(card["dct_scale"]))
+        scale = 1.0 / (255.0 * card.grid * card.dct_scale)
         if shard != 0:
-            mean = [0.0] * len(mean)
+            mean = (0.0,) * len(mean)
     else:
         scale = 1.0 / 255.0
-    return {"scale": scale, "mean": mean, "std": list(recipe.data.std)}
+    return InputConstants(scale=scale, mean=mean, std=tuple(recipe.data.std))
 
 
-def run_meta(job: MemberJob, card: dict, recipe: Recipe, backend: str) -> dict[str, Any]:
-    """run.json: everything an evaluator needs to rebuild and feed this member."""
+def run_record(job: MemberJob, card: DatasetCard, recipe: Recipe, backend: str,
+               mindspore: dict[str, Any] | None = None) -> RunRecord:
+    """run.json: everything an evaluator needs to rebuild and feed this member, and the data it trained on."""
     model = recipe.model
-    return {
-        "backend": backend, "shard": job.shard, "data": job.data, "recipe": recipe.name,
-        "class_table_sha256": card["class_table_sha256"], "num_classes": int(card["num_classes"]),
-        "split": int(card["split"]), "size": int(card.get("size", 56)), "transform": card["transform"],
-        "format": card["format"], "dct_scale": card.get("dct_scale"),
-        "model": {"name": model.name, "stem": model.stem, "head": model.head,
-                  "ebv_dim": (model.ebv_dim or int(card["num_classes"])) if model.head == "ebv" else None,
-                  "ebv_tau": model.ebv_tau, "ebv_seed": model.ebv_seed, "ebv_threshold": model.ebv_threshold,
-                  "input": input_constants(card, job.shard, recipe)},
-    }
+    spec = ModelSpec(name=model.name, stem=model.stem, head=model.head,
+                     ebv_dim=(model.ebv_dim or card.num_classes) if model.head == "ebv" else None,
+                     ebv_tau=model.ebv_tau, ebv_seed=model.ebv_seed, ebv_threshold=model.ebv_threshold,
+                     input=input_constants(card, job.shard, recipe))
+    return RunRecord.for_member(card, job.shard, job.data, backend=backend, recipe=recipe.name, model=spec,
+                                mindspore=mindspore)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, backend: str) -> str:

@@ -1,11 +1,13 @@
 """Whole-file reads for the trainer and the ensemble evaluator: a local path or an object-store URI.
 
-Paths and URIs are plain strings here, kept as the user wrote them (they go into run.json and
-messages). Local paths are plain files; URIs (s3://, gs://, …) go through ``pipeline.storage``, the
-one place that turns a URI into a pyarrow filesystem, so ``cli.py train`` and ``cli.py prepare``
-reach the same stores the same way: S3 endpoints other than AWS (MinIO, moto) come from
-``AWS_ENDPOINT_URL`` or the URI's ``?endpoint_override=host:port&scheme=http``, credentials from
-the usual AWS environment variables.
+Paths and URIs are plain strings here; what run.json and reports record is ``absolute_uri`` of what
+the user wrote, so it holds from any directory. Local paths are plain files; URIs (s3://, gs://, …)
+go through ``pipeline.storage``, the one place that turns a URI into a pyarrow filesystem, so
+``cli.py train`` and ``cli.py prepare`` reach the same stores the same way: S3 endpoints other than
+AWS (MinIO, moto) come from ``AWS_ENDPOINT_URL`` or the URI's ``?endpoint_override=host:port&scheme=http``,
+credentials from the usual AWS environment variables. That URI layer is the one part of ``pipeline``
+that ``train`` uses (everything about the data itself comes from ``subspectral.schemas``): two copies of
+it would drift apart in exactly the places (endpoints, timeouts, odd local names) where they must agree.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from typing import Any
 from subspectral.pipeline import storage as _store
 from subspectral.pipeline.storage import is_remote
 
-__all__ = ["DataError", "exists", "is_remote", "join", "read_bytes", "read_json"]
+__all__ = ["DataError", "absolute_uri", "exists", "is_remote", "join", "read_bytes", "read_json"]
 
 
 class DataError(ValueError):
     """Data that cannot be trained on; the message is one line for the user."""
+
+
+def absolute_uri(uri: str) -> str:
+    """An object-store URI as is, a local path made absolute: what run records and reports keep."""
+    return _store.location(uri).uri
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,13 +1,14 @@
-"""Streaming batches of one sub-dataset as numpy arrays: card checks, shard partition, shuffle, augment, batch.
+"""Streaming batches of one sub-dataset as numpy arrays: shard partition, shuffle, decode, augment, batch.
 
 Framework-free, so both backends feed the same batches: ``train.data`` wraps these streams in torch's
 DataLoader, ``train.mindspore.data`` in MindSpore's GeneratorDataset.
 
 A stream is a ``webdataset.DataPipeline`` of small stages: pieces of shards -> webdataset samples
 (``{"__key__", "__url__", "jpg", "cls"}``) -> ``webdataset.shuffle`` (seeded buffer) -> decode into
-uint8 batch buffers -> augment. Tar bytes are parsed by ``train.shards`` (plain ustar directly,
-anything else through webdataset's own tar iterator): webdataset's ``tarfile_to_samples`` costs
-~100 us per sample here, more than decoding the 56x56 JPEG, against ~7 us.
+batch buffers of the card's sample shape and dtype -> augment. Tar bytes are parsed by
+``train.shards`` (plain ustar directly, anything else through webdataset's own tar iterator):
+webdataset's ``tarfile_to_samples`` costs ~100 us per sample here, more than decoding the 56x56
+JPEG, against ~7 us.
 
 Work is split into *slots*, one per (DDP rank, DataLoader worker). Each shard is cut into
 ``parts`` interleaved pieces (sample i goes to piece i % parts) with parts = ceil(slots / shards),
@@ -30,47 +31,10 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import DataConfig
 from subspectral.train.shards import CorruptShard, decode_into, iter_samples, to_sample
-from subspectral.train.storage import DataError, exists, join, read_bytes, read_json
-
-_CARD_FIELDS = ("split", "num_classes", "format", "transform", "class_table_sha256", "splits", "sub_datasets")
-
-
-def read_card(data_uri: str) -> dict:
-    """The dataset card; refuses an incomplete or unreadable dataset with one clear line."""
-    card_uri = join(data_uri, "dataset.json")
-    if not exists(card_uri):
-        raise DataError(f"{data_uri} is not a complete prepared dataset: {card_uri} is missing "
-                        "(run 'cli.py prepare' to the end first)")
-    try:
-        card = read_json(card_uri)
-    except ValueError as exc:
-        raise DataError(f"{card_uri} is not valid JSON: {exc}") from exc
-    missing = [name for name in _CARD_FIELDS if name not in card]
-    if missing:
-        raise DataError(f"{card_uri} lacks the field(s) {', '.join(missing)}")
-    return card
-
-
-def shard_uris(data_uri: str, card: dict, member: int, split: str) -> list[str]:
-    count = int(card["split"])
-    if not 0 <= member < count:
-        raise DataError(f"shard {member} is out of range: this dataset has {count} sub-datasets "
-                        f"(0..{count - 1})")
-    if split not in card["splits"] or card["splits"][split]["shards"] == 0:
-        raise DataError(f"the dataset has no {split!r} samples (prepare it with --val-per-class N for a val split)")
-    folder = card["sub_datasets"][member]
-    uris = [join(data_uri, folder, f"{split}-{j:06d}.tar") for j in range(card["splits"][split]["shards"])]
-    if not exists(uris[0]):
-        raise DataError(f"sub-dataset {member} is missing: {uris[0]} does not exist")
-    return uris
-
-
-def sample_shape(card: dict) -> tuple[tuple[int, int, int], np.dtype]:
-    size = int(card.get("size", 56))
-    dtype = np.dtype(np.int16) if card["transform"] == "dct" else np.dtype(np.uint8)
-    return (size, size, 3), dtype
+from subspectral.train.storage import DataError, read_bytes
 
 
 @dataclass(frozen=True)
@@ -222,10 +186,10 @@ def _resized_crops(images: np.ndarray, min_scale: float, rng: np.random.Generato
 class TrainStream:
     """An epoch of training batches for one DDP rank (``set_epoch`` before each epoch)."""
 
-    def __init__(self, uris: list[str], card: dict, config: DataConfig, *, batch_size: int,
+    def __init__(self, uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int,
                  batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
         self.uris = uris
-        self.shape, self.dtype = sample_shape(card)
+        self.shape, self.dtype = card.sample_shape, card.dtype  # as the card states them, never guessed
         self.config = config
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
@@ -265,9 +229,9 @@ class TrainStream:
 class EvalStream:
     """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""
 
-    def __init__(self, uris: list[str], card: dict, *, batch_size: int, rank: int, world: int) -> None:
+    def __init__(self, uris: list[str], card: DatasetCard, *, batch_size: int, rank: int, world: int) -> None:
         self.uris = uris
-        self.shape, self.dtype = sample_shape(card)
+        self.shape, self.dtype = card.sample_shape, card.dtype
         self.batch_size = batch_size
         self.rank = rank
         self.world = world

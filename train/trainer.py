@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from subspectral.schemas import DatasetCard
 from subspectral.train import checkpoint as ckpt
 from subspectral.train.config import ConfigError, Recipe
 from subspectral.train.data import make_loader
@@ -25,6 +26,8 @@ from subspectral.train.engine import (
 )
 from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
 from subspectral.train.models import SubNetwork, create_model
+from subspectral.train.portable import PORTABLE_FILE
+from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
     BASIS_FILE,
@@ -32,10 +35,10 @@ from subspectral.train.run import (
     MemberJob,
     TrainOptions,
     prepare_run_dir,
-    run_meta,
+    run_record,
     select_members,
 )
-from subspectral.train.stream import EvalStream, TrainStream, read_card, sample_shape, shard_uris
+from subspectral.train.stream import EvalStream, TrainStream
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -68,9 +71,9 @@ def build_member_model(meta: dict[str, Any], recipe: Recipe, device: torch.devic
         raise ConfigError(str(exc)) from exc
 
 
-def _check_input_size(model: nn.Module, card: dict) -> None:
-    shape, dtype = sample_shape(card)
-    probe = torch.zeros((2, *shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+def _check_input_size(model: nn.Module, card: DatasetCard) -> None:
+    shape = card.sample_shape
+    probe = torch.zeros((2, *shape), dtype=torch.from_numpy(np.empty(0, card.dtype)).dtype)
     model.eval()
     try:
         with torch.no_grad():
@@ -100,9 +103,9 @@ class MemberTrainer(MemberTraining):
         self.card = card
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
         self.val_uris = shard_uris(job.data, card, job.shard, "val")
-        self.run_dir = job.out / card["sub_datasets"][job.shard]
+        self.run_dir = job.out / card.sub_datasets[job.shard]
         self.state = prepare_run_dir(self.run_dir, job.resume, "torch")
-        self.meta = run_meta(job, card, recipe, "torch")
+        self.meta = run_record(job, card, recipe, "torch").to_json()
         batch = recipe.data.batch_size
         self.batches_per_epoch = batches_per_epoch(card, batch, dist.world)
         if (batch // dist.world) % recipe.train.accumulate_steps:
@@ -132,7 +135,7 @@ class MemberTrainer(MemberTraining):
         self.scheduler = build_scheduler(self.optimizer, recipe, self.batches_per_epoch)
         amp_dtype = autocast_dtype(train_cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        self.ctx = StepContext(self.device, amp_dtype, int(self.card["num_classes"]), train_cfg)
+        self.ctx = StepContext(self.device, amp_dtype, self.card.num_classes, train_cfg)
         trained = model
         if self.dist.enabled:
             trained = DistributedDataParallel(model, device_ids=[self.device.index] if on_cuda else None)
@@ -208,7 +211,9 @@ class MemberTrainer(MemberTraining):
                             main=self.dist.is_main, world=self.dist.world, progress=self.job.progress)
 
     def save_final_weights(self) -> None:
-        ckpt.save_torch({"model": self._eval_model().state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        model = self._eval_model()
+        ckpt.save_torch({"model": model.state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, model, self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": self.ema is not None}

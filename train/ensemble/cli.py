@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help stays instant
     import numpy as np
     import torch
+    from subspectral.schemas import DatasetCard
     from subspectral.train.distributed import DistInfo
     from subspectral.train.ensemble.fusion import Hits, Tally
     from subspectral.train.ensemble.lockstep import Lockstep, Stream
@@ -94,26 +95,24 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_baseline(path: Path, card: dict[str, Any], ten_crop: bool, device: torch.device) -> Baseline:
+def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.device) -> Baseline:
     """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
     from subspectral.train.ensemble.lockstep import Stream
     from subspectral.train.ensemble.members import MemberError, check_compatible, load_member, read_run
-    from subspectral.train.stream import read_card, sample_shape, shard_uris
+    from subspectral.train.prepared import read_card, read_shard_table, shard_digests, shard_uris
+    from subspectral.train.storage import absolute_uri
 
     run = read_run(path)
-    data = str(run.run.get("data", ""))
-    if not data:
-        raise MemberError(f"{path}/run.json does not name its dataset ('data')")
+    data = run.record.data  # recorded as an absolute path or a URI: valid from any directory
     baseline_card = read_card(data)
-    if int(baseline_card["split"]) != 1:
-        split = baseline_card["split"]
-        raise MemberError(f"--baseline {path} was trained on {data} with split {split}, not 1")
-    if baseline_card["class_table_sha256"] != card["class_table_sha256"]:
+    if baseline_card.split != 1:
+        raise MemberError(f"--baseline {path} was trained on {data} with split {baseline_card.split}, not 1")
+    if baseline_card.class_table_sha256 != card.class_table_sha256:
         raise MemberError(f"--baseline {path}: {data} has another class table than the ensemble's data")
     check_compatible(run, baseline_card, data)
-    shape, dtype = sample_shape(baseline_card)
-    stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), shape, dtype)
-    info = {"path": str(path), "data": data, "ten_crop": ten_crop,
+    stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), baseline_card.sample_shape,
+                    baseline_card.dtype, shard_digests(data, baseline_card, read_shard_table(data), 0, "val"))
+    info = {"path": absolute_uri(str(path)), "data": data, "ten_crop": ten_crop,
             "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1}
     return Baseline(load_member(run, device), stream, ten_crop, info)
 
@@ -153,7 +152,7 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
 
 
 def select_runs(
-    args: argparse.Namespace, card: dict[str, Any], announce: bool = True
+    args: argparse.Namespace, card: DatasetCard, announce: bool = True
 ) -> tuple[list[FinishedRun], list[int]]:
     """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
     from subspectral.train.ensemble.fusion import rank_members
@@ -161,8 +160,8 @@ def select_runs(
 
     if not args.runs.is_dir():
         raise MemberError(f"--runs {args.runs}: no such folder")
-    folders = card["sub_datasets"]
-    runs, missing = discover_runs(args.runs, folders, parse_members(args.members, int(card["split"])))
+    folders = card.sub_datasets
+    runs, missing = discover_runs(args.runs, folders, parse_members(args.members, card.split))
     if missing:
         listed = ", ".join(folders[k] for k in missing)
         if args.require_all:
@@ -191,7 +190,7 @@ def reduce_over_workers(
         baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
 
 
-def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.device, workers: DistInfo) -> int:
+def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo) -> int:
     """One worker's part of the evaluation; the main worker merges and writes the report.
 
     With torchrun, worker r evaluates val shards r, r+W, r+2W, … of every stream and writes its
@@ -210,30 +209,32 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         render_markdown,
         write_reports,
     )
-    from subspectral.train.storage import DataError
-    from subspectral.train.stream import sample_shape, shard_uris
+    from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
+    from subspectral.train.storage import DataError, absolute_uri
     from tqdm import tqdm
 
     started = time.perf_counter()
-    folders = card["sub_datasets"]
+    data = absolute_uri(args.data)
+    folders = card.sub_datasets
     runs, missing = select_runs(args, card, announce=workers.is_main)
     members = [load_member(run, device) for run in runs]
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
-    shape, dtype = sample_shape(card)
+    shard_table = read_shard_table(data)
     streams = [
-        Stream(folders[r.shard], shard_uris(args.data, card, r.shard, "val"), shape, dtype) for r in runs
+        Stream(folders[r.shard], shard_uris(data, card, r.shard, "val"), card.sample_shape, card.dtype,
+               shard_digests(data, card, shard_table, r.shard, "val"))
+        for r in runs
     ] + ([baseline.stream] if baseline else [])
-    mine = [Stream(s.name, s.shards[workers.rank :: workers.world], s.shape, s.dtype) for s in streams]
-    lockstep = Lockstep(mine, args.batch_size)
+    lockstep = Lockstep([s.part(workers.rank, workers.world) for s in streams], args.batch_size)
 
     methods = METHODS if args.method == "all" else (args.method,)
-    tally = Tally(num_members=len(members), methods=methods, p=args.p, k=min(5, int(card["num_classes"])))
+    tally = Tally(num_members=len(members), methods=methods, p=args.p, k=min(5, card.num_classes))
     out = args.out or args.runs / "ensemble"
     out.mkdir(parents=True, exist_ok=True)
     part = out / (f"predictions.part{workers.rank:03d}.parquet" if workers.enabled else "predictions.part")
     writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
                               shard_of=lambda local: workers.rank + workers.world * local)
-    total = int(card["splits"]["val"]["samples"])
+    total = card.splits["val"].samples
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
     try:
         with progress, torch.inference_mode():
@@ -249,7 +250,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         if not workers.is_main:
             return 0
     if tally.samples == 0:
-        raise DataError(f"{args.data}: no readable val sample ({lockstep.skipped} skipped)")
+        raise DataError(f"{data}: no readable val sample ({lockstep.skipped} skipped)")
     if workers.enabled:
         merge_prediction_parts([out / f"predictions.part{r:03d}.parquet" for r in range(workers.world)],
                                out / "predictions.parquet")
@@ -258,9 +259,14 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
 
     seconds = time.perf_counter() - started
     context = {
-        "data": args.data,
-        "runs": str(args.runs),
-        **{f: card[f] for f in ("split", "num_classes", "transform", "format", "class_table_sha256")},
+        "data": data,
+        "runs": absolute_uri(str(args.runs)),
+        "card_sha256": card.sha256,
+        "split": card.split,
+        "num_classes": card.num_classes,
+        "transform": card.transform,
+        "format": card.format,
+        "class_table_sha256": card.class_table_sha256,
         "p": args.p,
         "missing": [folders[k] for k in missing],
         "skipped": lockstep.skipped,
@@ -269,7 +275,7 @@ def _evaluate(args: argparse.Namespace, card: dict[str, Any], device: torch.devi
         "seconds": round(seconds, 3),
     }
     member_info = [
-        {"shard": r.shard, "folder": folders[r.shard], "path": str(r.path), "backend": r.backend,
+        {"shard": r.shard, "folder": folders[r.shard], "path": absolute_uri(str(r.path)), "backend": r.backend,
          "val_top1_own": r.val_top1}
         for r in runs
     ]
@@ -288,11 +294,11 @@ def _start(args: argparse.Namespace) -> int:
     import torch
     from subspectral.train.distributed import init_distributed, shutdown
     from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.prepared import read_card
     from subspectral.train.storage import DataError
-    from subspectral.train.stream import read_card
 
     card = read_card(args.data)
-    if not card["splits"].get("val", {}).get("samples"):
+    if not card.splits["val"].samples:
         raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")

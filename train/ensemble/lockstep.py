@@ -4,12 +4,15 @@ Sample i of the concatenated val shards is the same image in every sub-dataset. 
 its shards one at a time (local paths or object-store URIs, through the trainer's ``train.storage``
 and ``train.shards``), so the val set is never held in memory. Every batch checks that all streams
 hold the same keys and labels and stops with a one-line ``MisalignedError`` naming the first
-difference. A sample that cannot be decoded in any stream is dropped from all of them (and counted
-in ``skipped``), so the members always see the same images.
+difference. A stream given its shards' SHA-256s (shards.parquet) checks each shard against them,
+so a sub-dataset's shard replaced by another's (same keys, other images) stops the evaluation too.
+A sample that cannot be decoded in any stream is dropped from all of them (and counted in
+``skipped``), so the members always see the same images.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,17 +22,25 @@ from subspectral.train.storage import read_bytes
 
 
 class MisalignedError(ValueError):
-    """The streams disagree (keys, labels, length) or a shard is missing: samples cannot be paired."""
+    """The streams disagree (keys, labels, length), a shard is missing, or a shard is not the one prepared for
+    its sub-dataset: samples cannot be paired."""
 
 
 @dataclass(frozen=True)
 class Stream:
-    """One sub-dataset's split: a name for messages, its shard URIs in order, and its sample shape."""
+    """One sub-dataset's split: a name for messages, its shard URIs in order, its sample shape and dtype,
+    and the SHA-256 of each shard when they are known."""
 
     name: str
     shards: Sequence[str]
     shape: tuple[int, int, int]  # H, W, C as stored
     dtype: np.dtype
+    sha256: Sequence[str] | None = None  # per shard, in the order of ``shards``
+
+    def part(self, rank: int, world: int) -> Stream:
+        """Shards rank, rank + world, …: one worker's share."""
+        digests = None if self.sha256 is None else self.sha256[rank::world]
+        return Stream(self.name, self.shards[rank::world], self.shape, self.dtype, digests)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class _Entry:
     key: str
     sample: Sample | None  # None: no label or image member that parses
     where: str  # shard URI and position, for messages
+    foreign: str | None = None  # why its shard is not the one prepared for this stream; None when it is
 
 
 def _read_stream(stream: Stream) -> Iterator[_Entry]:
@@ -56,11 +68,19 @@ def _read_stream(stream: Stream) -> Iterator[_Entry]:
             raise MisalignedError(f"{stream.name}: shard missing: {uri}") from error
         except OSError as error:
             raise MisalignedError(f"{stream.name}: cannot read {uri}: {error}") from error
+        foreign = None
+        if stream.sha256 is not None and hashlib.sha256(buffer).hexdigest() != stream.sha256[shard_index]:
+            foreign = (f"{stream.name}: {uri} is not the shard prepared for {stream.name} (its SHA-256 differs "
+                       "from shards.parquet): replaced by another sub-dataset's or modified")
+        entries = 0
         try:
             for position, (key, parts) in enumerate(iter_samples(buffer)):
-                yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
+                entries += 1
+                yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}", foreign)
         except CorruptShard as error:
             raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {error}") from error
+        if foreign and not entries:
+            raise MisalignedError(foreign)
 
 
 def _check_aligned(names: Sequence[str], rows: Sequence[Sequence[_Entry]]) -> None:
@@ -109,7 +129,10 @@ class Lockstep:
                     row.append(entry)
             if not rows[0]:
                 return
-            _check_aligned(names, rows)
+            _check_aligned(names, rows)  # first: differing keys name the cause more precisely than a digest
+            foreign = next((entry.foreign for row in rows for entry in row if entry.foreign), None)
+            if foreign:
+                raise MisalignedError(foreign)
             yield rows
 
     def __iter__(self) -> Iterator[LockstepBatch]:

@@ -18,9 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-# Fields that must match between a member's run.json and the dataset card it is evaluated on.
-COMPATIBILITY_FIELDS: tuple[str, ...] = ("class_table_sha256", "num_classes", "split", "transform", "size")
+from subspectral.schemas import ContractError, DatasetCard, RunRecord
 
 
 class MemberError(ValueError):
@@ -29,16 +27,16 @@ class MemberError(ValueError):
 
 @dataclass(frozen=True)
 class FinishedRun:
-    """One finished run folder: its shard, run.json and final.json."""
+    """One finished run folder: its shard, run record (run.json) and final.json."""
 
     shard: int
     path: Path
-    run: dict[str, Any]
+    record: RunRecord
     final: dict[str, Any]
 
     @property
     def backend(self) -> str:
-        return str(self.run.get("backend", "torch"))
+        return self.record.backend
 
     @property
     def val_top1(self) -> float:
@@ -50,7 +48,7 @@ class Member(Protocol):
     """What aggregation needs from a trained member, whatever framework trained it."""
 
     shard: int
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # run.json
 
     def predict(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` (float32, on the evaluation device) for a batch of images as stored:
@@ -134,14 +132,16 @@ def read_run(path: Path, shard: int | None = None) -> FinishedRun:
     """A finished run folder (``final.json`` present) as a FinishedRun."""
     if not (path / "final.json").is_file():
         raise MemberError(f"{path}: not a finished run (no final.json)")
-    run = _read_json(path / "run.json")
+    try:
+        record = RunRecord.from_json(_read_json(path / "run.json"), str(path / "run.json"))
+    except ContractError as error:
+        raise MemberError(str(error)) from error
     final = _read_json(path / "final.json")
     if "top1" not in final:
         raise MemberError(f"{path / 'final.json'}: no 'top1'")
-    recorded = run.get("shard")
-    if shard is not None and recorded != shard:
-        raise MemberError(f"{path}: run.json says shard {recorded}, but the folder is for shard {shard}")
-    return FinishedRun(int(recorded if shard is None else shard), path, run, final)
+    if shard is not None and record.shard != shard:
+        raise MemberError(f"{path}: run.json says shard {record.shard}, but the folder is for shard {shard}")
+    return FinishedRun(record.shard, path, record, final)
 
 
 def discover_runs(
@@ -158,12 +158,9 @@ def discover_runs(
     return found, missing
 
 
-def check_compatible(run: FinishedRun, card: dict[str, Any], data: str) -> None:
-    """Refuse a member trained on another class table, split, transform or size than ``card``."""
-    for field_name in COMPATIBILITY_FIELDS:
-        trained, wanted = run.run.get(field_name), card.get(field_name)
-        if trained != wanted:
-            raise MemberError(
-                f"member {run.path} was trained with {field_name}={trained!r} but {data} has "
-                f"{field_name}={wanted!r}: refusing to mix members of different datasets"
-            )
+def check_compatible(run: FinishedRun, card: DatasetCard, data: str) -> None:
+    """Refuse a member trained on other data than ``card``'s: another class table, split, transform, size,
+    or other shards for its sub-dataset (another ``--seed``, a re-preparation, replaced tars)."""
+    difference = run.record.data_difference(card, data)
+    if difference is not None:
+        raise MemberError(f"member {run.path} {difference}: refusing to mix members and data of different datasets")

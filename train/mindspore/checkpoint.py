@@ -4,7 +4,9 @@ Same layout as the torch backend (``train.checkpoint``): last.ckpt / best.ckpt h
 step (weights, BatchNorm statistics, momentum buffers, the optimizer's global_step, the loss scale)
 plus ``epoch``, ``best_top1`` and the run's meta as JSON; final.ckpt holds the member's network.
 .ckpt is MindSpore's protobuf format (no pickle). ``ebv_basis.safetensors`` is the torch backend's
-file, written with safetensors' numpy API: the same name, key and layout for both backends.
+file, written with safetensors' numpy API: the same name, key and layout for both backends, and so is
+final.safetensors (``train.portable``): the network renamed to torchvision's parameter names, which a
+torchvision model of the same name loads (the networks mirror torchvision's, ``train.mindspore.models``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 from safetensors.numpy import load_file, save_file
+from subspectral.train import portable
 from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError
 
 _META_KEY = "subspectral_meta"
@@ -93,3 +96,29 @@ def verify_basis(run_dir: Path, basis: np.ndarray | None) -> None:
         raise CheckpointError(f"{path} is missing: cannot verify the EBV basis")
     if not np.array_equal(load_basis(run_dir), basis):
         raise CheckpointError(f"the EBV basis in the weights differs from {path}")
+
+
+# MindSpore's BatchNorm parameter names -> torchvision's; every other parameter has torchvision's name already.
+_BATCHNORM_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+                    "moving_variance": "running_var"}
+
+
+def portable_tensors(network: nn.Cell, ebv_heads: set[str]) -> dict[str, np.ndarray]:
+    """``network``'s parameters under torchvision's names, BatchNorm's ``num_batches_tracked`` included (0:
+    MindSpore does not count batches, and torchvision uses the count only with ``momentum=None``)."""
+    tensors = {}
+    for name, param in network.parameters_and_names():
+        module, _, leaf = name.rpartition(".")
+        if leaf in _BATCHNORM_NAMES:
+            name = f"{module}.{_BATCHNORM_NAMES[leaf]}"
+            tensors[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
+        tensors[portable.portable_name(name, ebv_heads)] = np.ascontiguousarray(param.asnumpy())
+    return tensors
+
+
+def save_portable(path: Path, network: nn.Cell, ebv_heads: set[str], meta: dict[str, Any]) -> None:
+    """final.safetensors of a MindSpore member (``network``: the torchvision-shaped net, without InputNorm)."""
+    tensors = portable_tensors(network, ebv_heads)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=portable.metadata(meta))
+    os.replace(tmp, path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import DataConfig
 from subspectral.train.stream import EvalStream, TrainStream
 
@@ -80,7 +81,7 @@ def eval_dataset(stream: EvalStream):
     return ds.GeneratorDataset(PaddedEval(stream), column_names=EVAL_COLUMNS, shuffle=False)
 
 
-def slot_stream(uris: list[str], card: dict, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
+def slot_stream(uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int, batches_per_epoch: int,
                 rank: int, world: int, seed: int) -> TrainStream:
     return TrainStream(uris, card, config, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
                       rank=rank, world=world, seed=seed)

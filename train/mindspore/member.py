@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from subspectral.schemas import ContractError, RunRecord
 from subspectral.train.ensemble.members import FinishedRun, MemberError
 from subspectral.train.run import CheckpointError
 
@@ -60,10 +61,11 @@ def load_mindspore_member(run: FinishedRun, device: torch.device) -> MindSporeMe
     path = run.path / "final.ckpt"
     try:
         params, meta = read_ckpt(path)
-        network = model_from_run(meta)
+        record = RunRecord.from_json(meta, f"{path}'s run record")
+        network = model_from_run(record.model, record.num_classes)
         load_into(network, params, path)
         verify_basis(run.path, ebv_basis_of(network))
-    except CheckpointError as error:
+    except (CheckpointError, ContractError) as error:
         raise MemberError(str(error)) from error
     network.set_train(False)
     return MindSporeMember(run.shard, meta, network, device)

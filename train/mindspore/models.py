@@ -21,6 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, Uniform
+from subspectral.schemas import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -209,14 +210,18 @@ def create_model(name: str, num_classes: int, *, stem: str = "lowres", head: str
     return SubNetwork(InputNorm(input_scale, mean, std), MODEL_BUILDERS[name](num_classes, stem, fc))
 
 
-def model_from_run(run: dict) -> SubNetwork:
-    """Rebuild a member from its run.json content, ready for ``load_param_into_net`` (basis: a placeholder)."""
-    spec = run["model"]
-    num_classes = int(run["num_classes"])
-    basis = np.zeros((num_classes, int(spec["ebv_dim"])), np.float32) if spec["head"] == "ebv" else None
-    return create_model(spec["name"], num_classes, stem=spec["stem"], head=spec["head"], ebv_basis=basis,
-                        ebv_tau=float(spec.get("ebv_tau", 0.07)), input_scale=float(spec["input"]["scale"]),
-                        mean=spec["input"]["mean"], std=spec["input"]["std"])
+def model_from_run(spec: ModelSpec, num_classes: int) -> SubNetwork:
+    """Rebuild a member from its run record (``record.model``, ``record.num_classes``), ready for
+    ``load_param_into_net`` (basis: a placeholder)."""
+    basis = np.zeros((num_classes, spec.ebv_dim), np.float32) if spec.head == "ebv" else None
+    return create_model(spec.name, num_classes, stem=spec.stem, head=spec.head, ebv_basis=basis,
+                        ebv_tau=spec.ebv_tau, input_scale=spec.input.scale, mean=spec.input.mean,
+                        std=spec.input.std)
+
+
+def ebv_heads(network: nn.Cell) -> set[str]:
+    """Paths of the EBV heads inside ``network`` (``fc`` for a ResNet)."""
+    return {name for name, cell in network.cells_and_names() if isinstance(cell, EBVHead)}
 
 
 def ebv_basis_of(model: nn.Cell) -> np.ndarray | None:

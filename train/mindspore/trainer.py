@@ -16,12 +16,13 @@ import mindspore as ms
 import numpy as np
 import torch
 from mindspore import Tensor
+from subspectral.schemas import DatasetCard
 from subspectral.train.config import ConfigError, Recipe
 from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
 from subspectral.train.mindspore import checkpoint as ckpt
 from subspectral.train.mindspore.data import eval_dataset, slot_stream, train_dataset
 from subspectral.train.mindspore.ebv import generate_basis
-from subspectral.train.mindspore.models import create_model, ebv_basis_of
+from subspectral.train.mindspore.models import create_model, ebv_basis_of, ebv_heads
 from subspectral.train.mindspore.runtime import Runtime
 from subspectral.train.mindspore.step import (
     EvalStep,
@@ -32,10 +33,12 @@ from subspectral.train.mindspore.step import (
     precision_for,
 )
 from subspectral.train.mixing import mix_batch
+from subspectral.train.portable import PORTABLE_FILE
+from subspectral.train.prepared import read_card, shard_uris
 from subspectral.train.progress import EpochProgress
-from subspectral.train.run import BASIS_FILE, MemberJob, prepare_run_dir, run_meta
+from subspectral.train.run import BASIS_FILE, MemberJob, prepare_run_dir, run_record
 from subspectral.train.schedule import lr_factor
-from subspectral.train.stream import EvalStream, read_card, shard_uris
+from subspectral.train.stream import EvalStream
 
 _EVAL_BATCH = 512
 _UNSUPPORTED = {"ema_decay": "train.ema_decay > 0 (EMA weights)"}
@@ -47,11 +50,11 @@ def _check_supported(recipe: Recipe) -> None:
                           "set train.ema_decay=0")
 
 
-def mindspore_meta(job: MemberJob, card: dict, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
-    meta = run_meta(job, card, recipe, "mindspore")  # the fields of every backend, so evaluators read both alike
-    meta["mindspore"] = {"version": ms.__version__, "device_target": runtime.device_target, "mode": runtime.mode,
-                         "amp_level": precision_for(recipe.train, runtime.device_target).amp_level}
-    return meta
+def mindspore_meta(job: MemberJob, card: DatasetCard, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+    """run.json: every backend's record (so evaluators read both alike) plus MindSpore's own details."""
+    details = {"version": ms.__version__, "device_target": runtime.device_target, "mode": runtime.mode,
+               "amp_level": precision_for(recipe.train, runtime.device_target).amp_level}
+    return run_record(job, card, recipe, "mindspore", mindspore=details).to_json()
 
 
 class SumAcrossRanks(ms.nn.Cell):
@@ -74,7 +77,7 @@ class MindSporeTrainer(MemberTraining):
         self.card = card = read_card(job.data)
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
         self.val_uris = shard_uris(job.data, card, job.shard, "val")
-        self.run_dir = job.out / card["sub_datasets"][job.shard]
+        self.run_dir = job.out / card.sub_datasets[job.shard]
         self.state = prepare_run_dir(self.run_dir, job.resume, "mindspore")
         self.meta = mindspore_meta(job, card, recipe, runtime)
         self.batches_per_epoch = batches_per_epoch(card, recipe.data.batch_size, runtime.world)
@@ -191,6 +194,7 @@ class MindSporeTrainer(MemberTraining):
 
     def save_final_weights(self) -> None:
         ckpt.save_ckpt(self.model, self.run_dir / "final.ckpt", self.meta, standalone=True)
+        ckpt.save_portable(self.run_dir / PORTABLE_FILE, self.model.net, ebv_heads(self.model.net), self.meta)
 
     def final_fields(self) -> dict[str, Any]:
         return {"ema": False}
