@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from subspectral.schemas.reasons import RejectReason
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (1024·1024·1024 // 4 // 3)
+# An image at that pixel limit stored uncompressed in 8-bit RGB: no real image file needs more.
+DEFAULT_MAX_FILE_BYTES = 256 * 1024**2
 
 
 class RejectedInput(Exception):
@@ -43,6 +45,7 @@ class DecodedImage:
 class SizeLimits:
     min_side: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # checked by the reader, before decoding
 
 
 MinimumSize = Callable[[int, int], tuple[int, int]]
@@ -85,6 +88,8 @@ def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits,
     except ValueError:
         return None
     if colorspace not in ("YCbCr", "RGB", "Gray"):
+        if colorspace in ("CMYK", "YCCK"):  # Pillow decodes these, and ignores libjpeg's warnings: check first
+            _check_jpeg_data(data)
         return None
     orientation = jpeg_exif_orientation(data)
     swap = orientation in (5, 6, 7, 8)
@@ -106,14 +111,41 @@ def _decode_jpeg_fast(data: bytes, min_decoded: MinimumSize, limits: SizeLimits,
             data, colorspace="RGBX", fastdct=False, fastupsample=False, buffer=buffer, **scale
         )
     except ValueError as error:
-        if "Premature end" in str(error):
-            raise RejectedInput(RejectReason.TRUNCATED, str(error)) from None
-        return None
+        _reject_corrupt(error)
+        pixels = simplejpeg.decode_jpeg(  # the image data was whole: only bytes after it were off
+            data, colorspace="RGBX", fastdct=False, fastupsample=False, buffer=buffer, strict=False, **scale
+        )
     h, w = pixels.shape[:2]
     image = Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)
     if orientation > 1:
         image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
     return DecodedImage(image, upright_w, upright_h)
+
+
+def _reject_corrupt(error: ValueError) -> None:
+    """Raise the reject for a libjpeg error or warning, unless it only concerns bytes after the image data.
+
+    libjpeg-turbo reports damage as warnings ("Corrupt JPEG data: premature end of data segment",
+    "Premature end of JPEG file", "bad Huffman code") and fills what it could not decode with grey;
+    simplejpeg raises them (strict mode), and such a file is rejected rather than written as a grey
+    image. One warning is harmless: "extraneous bytes before marker 0xd9", junk between the last
+    scan and the end-of-image marker, after every pixel was decoded (a few ImageNet files have it).
+    """
+    message = str(error)
+    lowered = message.lower()
+    if "extraneous bytes before marker 0xd9" in lowered:
+        return
+    truncated = "premature end" in lowered or "truncat" in lowered
+    reason = RejectReason.TRUNCATED if truncated else RejectReason.UNREADABLE
+    raise RejectedInput(reason, f"libjpeg: {message}") from None
+
+
+def _check_jpeg_data(data: bytes) -> None:
+    """Decode a CMYK/YCCK JPEG at 1/8 scale with libjpeg's warnings raised: damage shows up the same."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", min_width=1, min_height=1)
+    except ValueError as error:
+        _reject_corrupt(error)
 
 
 def _decode_with_pillow(data: bytes, min_decoded: MinimumSize, limits: SizeLimits) -> DecodedImage:

@@ -2,7 +2,9 @@
 
 Both runners share one signature, so the same task function runs in a test, in a debugger, on an
 embedded local Ray, or on a cluster (``--ray-address`` / ``RAY_ADDRESS``). Tasks are idempotent
-(each writes its own outputs atomically), so Ray may retry them after a worker dies.
+(each writes its own outputs atomically), so Ray may retry them after a worker dies. Both raise a
+task's own exception (a ``ValueError``, an ``OSError``), not Ray's wrapper with the remote traceback,
+so the command reports it in one line whichever runner ran it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 OBJECT_STORE_BYTES = 256 * 1024**2  # task inputs and results are small; keep Ray's footprint small too
+CANCEL_WAIT_SECONDS = 30  # after a failure, for the other tasks to remove their partial files
+FORWARDED_ENV = ("SUBSPECTRAL_STORAGE_TIMEOUT",)  # settings the driver's tasks must see on cluster nodes too
+
+
+class TaskFailed(RuntimeError):
+    """A task's worker died (killed for memory, node lost): what Ray says, in one line."""
 
 
 def run_serial(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
@@ -41,7 +49,8 @@ class RayRunner:
             sigterm_handler = signal.getsignal(signal.SIGTERM)
             if address:
                 # Ship the package so workers on other machines import the same code as this driver.
-                ray.init(address=address, runtime_env={"py_modules": [package_for_workers()]},
+                env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+                ray.init(address=address, runtime_env={"py_modules": [package_for_workers()], "env_vars": env_vars},
                          log_to_driver=True, logging_level="ERROR")
             else:
                 ray.init(num_cpus=num_workers, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
@@ -61,15 +70,39 @@ class RayRunner:
         remote = self._ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(fn)
         pending: list[Any] = []
         window = 2 * self.parallelism
-        for task in tasks:
-            if len(pending) >= window:
-                window = 2 * self.parallelism
+        try:
+            for task in tasks:
+                if len(pending) >= window:
+                    window = 2 * self.parallelism
+                    done, pending = self._ray.wait(pending, num_returns=1)
+                    yield self._result(done[0])
+                pending.append(remote.remote(task))
+            while pending:
                 done, pending = self._ray.wait(pending, num_returns=1)
-                yield self._ray.get(done[0])
-            pending.append(remote.remote(task))
-        while pending:
-            done, pending = self._ray.wait(pending, num_returns=1)
-            yield self._ray.get(done[0])
+                yield self._result(done[0])
+        except Exception:
+            self._cancel(pending, wait=True)  # their atomic outputs remove their partial files
+            raise
+        except BaseException:  # SIGTERM, Ctrl-C: stop now; a rerun removes what they leave
+            self._cancel(pending, wait=False)
+            raise
+
+    def _result(self, ref: Any) -> Any:
+        exceptions = self._ray.exceptions
+        try:
+            return self._ray.get(ref)
+        except exceptions.RayTaskError as error:
+            if isinstance(error.cause, Exception):
+                raise error.cause from None
+            raise TaskFailed(_first_line(error)) from None
+        except exceptions.RayError as error:
+            raise TaskFailed(f"a worker failed: {_first_line(error)}") from None
+
+    def _cancel(self, refs: list[Any], wait: bool) -> None:
+        for ref in refs:
+            self._ray.cancel(ref)
+        if wait and refs:
+            self._ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
 
     def shutdown(self) -> None:
         if self._started:
@@ -102,6 +135,11 @@ def package_for_workers() -> str:
         shutil.copytree(os.path.dirname(stage.__file__), os.path.join(target, stage.__name__.rsplit(".", 1)[1]),
                         ignore=skip)
     return target
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def default_workers() -> int:

@@ -17,16 +17,21 @@ Listing is split into units (a class folder, a tar, a list file) so that the dis
 19,000-tar corpus in parallel on the workers. A tar is listed by streaming it once in 64 MB reads
 (on object storage: one request to open it and one per 64 MB, never one per member). A list file is
 read in batches straight into the compact ``INPUTS_SCHEMA`` (no Python object per row).
+Every entry under a source root ends up an input or a reject: local trees are walked by ``walk``
+(links, loops, FIFOs and devices), and ``combine`` keeps a file reached through links once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
+import re
+import stat
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +41,8 @@ import pyarrow.parquet as pq
 from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
-from .storage import Location, is_remote
+from .storage import SCHEME_PATTERN, Location, is_remote
+from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "webdataset", "list")
 IMAGE_EXTENSIONS = frozenset(
@@ -46,11 +52,14 @@ SPLIT_FOLDERS = ("train", "val")
 STREAM_BLOCK = 64 * 2**20  # one object-storage request per 64 MB of a streamed tar
 PEEK_BLOCK = 2**20  # enough of a tar's head to tell WebDataset samples from a class's images
 PEEK_MEMBERS = 32
+_LISTING_GROUP = 512  # listed units whose tables are combined into one chunk
 MAX_LABEL_MEMBER = 2**20  # a .cls or .json member larger than this holds no usable label
 _LIST_BATCH_ROWS = 1 << 20
 _CSV_BLOCK = 1 << 20
 _PLAIN_INPUTS = pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
                            for f in INPUTS_SCHEMA])  # what a unit's rows are gathered in, before encoding
+LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
+LINKS_SCHEMA = pa.schema([("source", pa.string()), ("target", pa.string())])  # an entry reached through links
 
 
 @dataclass(frozen=True)
@@ -62,12 +71,14 @@ class ListingUnit:
     class_name: str | None
     split: str | None
     label_field: str | None = None  # WebDataset shards: the JSON field holding the label (None: the .cls member)
+    root: str | None = None  # the --src folder it lies in: links may not lead out of it
 
 
 @dataclass
 class Listed:
     inputs: pa.Table
     rejects: pa.Table
+    links: pa.Table = field(default_factory=LINKS_SCHEMA.empty_table)  # entries reached through links
 
 
 def plan_units(sources: list[str], layout: str, label_field: str | None = None
@@ -77,38 +88,37 @@ def plan_units(sources: list[str], layout: str, label_field: str | None = None
     rejects = _RejectBuilder()
     for source in sources:
         loc = Location(source)
-        filesystem, path = loc.resolve()
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"--src {source}: no such file or folder")
-        if info.type == pafs.FileType.File:
+        kind = _source_kind(loc)
+        if kind == "file":
             units.append(_file_unit(source, layout, label_field))
             continue
-        entries = _list_dir(filesystem, path)
+        tree = None if is_remote(source) else SourceTree(source)
+        entries = _entries(loc, tree)
         names = {posixpath.basename(e.path): e for e in entries}
-        split_roots = [n for n in SPLIT_FOLDERS if n in names and names[n].type == pafs.FileType.Directory]
+        split_roots = [n for n in SPLIT_FOLDERS if n in names and names[n].is_dir and not names[n].reason]
         roots = [(loc.join(n), n) for n in split_roots] if split_roots else [(loc, None)]
         if split_roots:
-            for name in names:
+            for name, entry in names.items():
                 if name not in split_roots:
-                    rejects.add(loc.join(name).uri, RejectReason.STRAY_FILE,
-                                "not a split folder next to train/ and val/")
+                    rejects.add(loc.join(name).uri, entry.reason or RejectReason.STRAY_FILE,
+                                entry.detail or "not a split folder next to train/ and val/")
         for root, split in roots:
-            root_fs, root_path = root.resolve()
-            root_entries = entries if split is None else _list_dir(root_fs, root_path)
+            root_entries = entries if split is None else _entries(root, tree)
             kind = layout if layout != "auto" else _detect(root, root_entries)
             if kind == "webdataset":
                 _check_labels(root, root_entries, label_field)
             for entry in root_entries:
                 name = posixpath.basename(entry.path)
                 child = root.join(name)
-                is_tar = entry.type == pafs.FileType.File and name.endswith(".tar")
-                if kind == "class-tars" and is_tar:
+                is_tar = not entry.is_dir and name.endswith(".tar")
+                if entry.reason:
+                    rejects.add(child.uri, entry.reason, entry.detail)
+                elif kind == "class-tars" and is_tar:
                     units.append(ListingUnit("tar", child.uri, name[: -len(".tar")], split))
                 elif kind == "webdataset" and is_tar:
-                    units.append(ListingUnit("shard", child.uri, None, split, label_field))
-                elif kind == "imagefolder" and entry.type == pafs.FileType.Directory:
-                    units.append(ListingUnit("folder", child.uri, name, split))
+                    units.append(ListingUnit("shard", child.uri, None, split, label_field=label_field))
+                elif kind == "imagefolder" and entry.is_dir:
+                    units.append(ListingUnit("folder", child.uri, name, split, root=source))
                 else:
                     what = {"class-tars": "class tar", "webdataset": "WebDataset shard (.tar)"}.get(kind,
                                                                                                   "class folder")
@@ -118,7 +128,10 @@ def plan_units(sources: list[str], layout: str, label_field: str | None = None
 
 def _file_unit(source: str, layout: str, label_field: str | None) -> ListingUnit:
     """A file given as --src: a list file, or one tar (a WebDataset shard, or one class's tar)."""
-    name = posixpath.basename(source.split("?", 1)[0] if is_remote(source) else source)
+    name = posixpath.basename(Location(source).path)
+    if _is_image_name(name) and not name.lower().endswith(LIST_SUFFIXES):
+        raise ValueError(f"--src {source} is an image; give the folder that holds the class folders (or "
+                         "class tars), or a CSV/Parquet list of images")
     if layout in ("auto", "list") and not name.endswith(".tar"):
         return ListingUnit("list", source, None, None)
     if not name.endswith(".tar") or layout in ("imagefolder", "list"):
@@ -130,9 +143,9 @@ def _file_unit(source: str, layout: str, label_field: str | None) -> ListingUnit
     return ListingUnit("tar", source, name[: -len(".tar")], None)
 
 
-def _detect(root: Location, entries: list[pafs.FileInfo]) -> str:
-    tars = [e for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
-    folders = sum(1 for e in entries if e.type == pafs.FileType.Directory)
+def _detect(root: Location, entries: list[Entry]) -> str:
+    tars = [e for e in entries if not e.is_dir and not e.reason and e.path.endswith(".tar")]
+    folders = sum(1 for e in entries if e.is_dir and not e.reason)
     if len(tars) <= folders:
         return "imagefolder"
     first = root.join(posixpath.basename(tars[0].path)).uri
@@ -160,13 +173,13 @@ def _peek_samples(uri: str) -> dict[str, set[str]]:
     return samples
 
 
-def _check_labels(root: Location, entries: list[pafs.FileInfo] | None, label_field: str | None) -> None:
+def _check_labels(root: Location, entries: list[Entry] | None, label_field: str | None) -> None:
     """Without --label-field the samples must carry a .cls member: say so before any work starts."""
     if label_field is not None:
         return
     first = root.uri
     if entries is not None:
-        tars = [e for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
+        tars = [e for e in entries if not e.is_dir and not e.reason and e.path.endswith(".tar")]
         if not tars:
             return
         first = root.join(posixpath.basename(tars[0].path)).uri
@@ -182,6 +195,35 @@ def webdataset_key(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     stem, _, extension = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _source_kind(loc: Location) -> str:
+    """"file" or "folder"; anything else is refused with one line (a FIFO would block the listing)."""
+    if not is_remote(loc.uri):
+        try:
+            mode = os.stat(loc.uri).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"--src {loc.uri}: no such file or folder") from None
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            return "folder" if stat.S_ISDIR(mode) else "file"
+        raise ValueError(f"--src {loc.uri} is a {special_kind(mode)}, not a file or folder")
+    filesystem, path = loc.resolve()
+    try:
+        info = filesystem.get_file_info(path)
+    except OSError as error:  # the store is unreachable, or refuses: say which --src
+        raise OSError(f"--src {loc.uri}: {error}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"--src {loc.uri}: no such file or folder")
+    return "file" if info.type == pafs.FileType.File else "folder"
+
+
+def _entries(loc: Location, tree: SourceTree | None) -> list[Entry]:
+    """One folder's entries: a local one through ``walk`` (links and special files judged), else pyarrow's."""
+    if tree is not None:
+        return tree.scan(loc.uri)
+    filesystem, path = loc.resolve()
+    return [Entry(info.path, is_dir=info.type == pafs.FileType.Directory, size=info.size or -1)
+            for info in _list_dir(filesystem, path)]
 
 
 def _list_dir(filesystem: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -241,6 +283,39 @@ def _join_files(parents: pa.DictionaryArray, entries: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(pc.cast(prefix, pa.string()), entries, pc.cast(suffix, pa.string()), "")
 
 
+def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """All units' inputs and rejects in one table each, every entry once.
+
+    Thousands of small per-unit tables become a few chunks with one dictionary per column (a list
+    file's table stays as it is: no copy). An entry reached through links (``Listed.links``) that is
+    also listed under its own path, or through an earlier link (by source order), becomes a
+    ``duplicate_input`` reject: the same image under two keys would sit in two shards, perhaps in
+    train and val, perhaps under two labels.
+    """
+    groups = [listed[i : i + _LISTING_GROUP] for i in range(0, len(listed), _LISTING_GROUP)]
+    inputs = pa.concat_tables(
+        [group[0].inputs if len(group) == 1 else
+         pa.concat_tables([item.inputs for item in group]).unify_dictionaries().combine_chunks() for group in groups]
+    ).unify_dictionaries() if groups else INPUTS_SCHEMA.empty_table()
+    rejects = pa.concat_tables([top_rejects, *[item.rejects for item in listed]])
+    links = pa.concat_tables([item.links for item in listed]) if listed else LINKS_SCHEMA.empty_table()
+    if links.num_rows == 0:
+        return inputs, rejects
+    sources = source_uris(inputs)
+    every = pa.chunked_array(sources.chunks + rejects.column("source").chunks, pa.string())
+    direct = pc.filter(every, pc.invert(pc.is_in(every, value_set=links.column("source"))))
+    seen = set(pc.filter(direct, pc.is_in(direct, value_set=links.column("target"))).to_pylist())
+    duplicates = _RejectBuilder()
+    for row in links.sort_by("source").to_pylist():
+        if row["target"] in seen:
+            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+        seen.add(row["target"])
+    dropped = duplicates.table()
+    keep = [pc.invert(pc.is_in(column, value_set=dropped.column("source")))
+            for column in (sources, rejects.column("source"))]
+    return inputs.filter(keep[0]), pa.concat_tables([rejects.filter(keep[1]), dropped])
+
+
 class _RejectBuilder:
     def __init__(self) -> None:
         self.rows: dict[str, list[str]] = {"source": [], "reason": [], "detail": []}
@@ -278,11 +353,11 @@ class _InputBuilder:
 def _encoded(table: pa.Table) -> pa.Table:
     """``table`` with plain string columns where INPUTS_SCHEMA wants dictionaries, dictionary-encoded."""
     columns = []
-    for field in INPUTS_SCHEMA:
-        column = table.column(field.name)
-        if pa.types.is_dictionary(field.type) and not pa.types.is_dictionary(column.type):
+    for spec in INPUTS_SCHEMA:
+        column = table.column(spec.name)
+        if pa.types.is_dictionary(spec.type) and not pa.types.is_dictionary(column.type):
             column = pc.dictionary_encode(pc.cast(column, pa.string()))
-        columns.append(pc.cast(column, field.type))
+        columns.append(pc.cast(column, spec.type))
     return pa.table(columns, schema=INPUTS_SCHEMA)
 
 
@@ -291,23 +366,40 @@ def _is_image_name(name: str) -> bool:
 
 
 def _list_folder(unit: ListingUnit) -> Listed:
-    loc = Location(unit.uri)
-    filesystem, path = loc.resolve()
     inputs, rejects = _InputBuilder(unit.class_name, unit.split), _RejectBuilder()
-    for info in _list_dir(filesystem, path, recursive=True):
-        if info.type != pafs.FileType.File:
-            continue
-        relative = posixpath.relpath(info.path, path)
-        folder, name = posixpath.split(relative)
-        parent = loc.join(folder).uri if folder else loc.uri
-        if _is_image_name(name) and not name.startswith("."):
-            inputs.add(parent, name, -1, info.size)
+    links = {"source": [], "target": []}
+    for entry, parent, name in _folder_files(unit):
+        if entry.reason:
+            rejects.add(entry.path, entry.reason, entry.detail)
+        elif _is_image_name(name) and not name.startswith("."):
+            inputs.add(parent, name, -1, entry.size)
         else:
-            rejects.add(loc.join(relative).uri, RejectReason.STRAY_FILE, "not an image file name")
+            rejects.add(entry.path, RejectReason.STRAY_FILE, "not an image file name")
+        if entry.target:
+            links["source"].append(entry.path)
+            links["target"].append(entry.target)
     table = inputs.table()
     if table.num_rows == 0:
         rejects.add(unit.uri, RejectReason.EMPTY_CLASS, "class folder holds no image")
-    return Listed(table, rejects.table())
+    return Listed(table, rejects.table(), pa.table(links, schema=LINKS_SCHEMA))
+
+
+def _folder_files(unit: ListingUnit) -> Iterator[tuple[Entry, str, str]]:
+    """Every file and rejected entry below a class folder (its full path or URI), with its folder's URI and
+    its name: what the compact input table stores."""
+    loc = Location(unit.uri)
+    if not is_remote(unit.uri):
+        for entry in SourceTree(unit.root or posixpath.dirname(unit.uri)).walk(unit.uri):
+            folder, name = posixpath.split(entry.path)
+            yield entry, folder, name
+        return
+    filesystem, path = loc.resolve()
+    for info in _list_dir(filesystem, path, recursive=True):
+        if info.type == pafs.FileType.File:
+            relative = posixpath.relpath(info.path, path)
+            folder, name = posixpath.split(relative)
+            yield (Entry(loc.join(relative).uri, size=info.size), loc.join(folder).uri if folder else loc.uri,
+                   name)
 
 
 @contextlib.contextmanager
@@ -418,12 +510,16 @@ def _list_file(unit: ListingUnit) -> Listed:
     """A CSV or Parquet list, read in batches straight into the compact input table."""
     loc = Location(unit.uri)
     filesystem, path = loc.resolve()
-    base = posixpath.dirname(loc.uri.split("?", 1)[0] if is_remote(loc.uri) else loc.uri)
+    base = posixpath.dirname(loc.path)
     parts, rejects = [], []
-    for batch in _list_batches(filesystem, path, unit.uri):
-        table, rejected = _list_rows(batch, base, unit.uri)
-        parts.append(table)
-        rejects.append(rejected)
+    try:
+        for batch in _list_batches(filesystem, path, unit.uri):
+            table, rejected = _list_rows(batch, base, unit.uri)
+            parts.append(table)
+            rejects.append(rejected)
+    except pa.ArrowInvalid as error:
+        kind = "Parquet" if path.endswith(".parquet") else "CSV"
+        raise ValueError(f"list file {unit.uri}: not a {kind} list of images ({_first_words(error)})") from None
     if not parts:
         return Listed(INPUTS_SCHEMA.empty_table(), _RejectBuilder().table())
     inputs = pa.concat_tables(parts).unify_dictionaries()
@@ -478,7 +574,7 @@ def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table
             raise ValueError(f"list file {uri}: split must be one of {SPLIT_FOLDERS} (or empty), found {unknown[:5]}")
     else:
         splits = pa.nulls(count, pa.string())
-    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
+    absolute = pc.or_(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, SCHEME_PATTERN))
     if pc.all(absolute).as_py() is not True:
         paths = pc.if_else(absolute, paths, pc.binary_join_element_wise(base, paths, "/"))
     parts = pc.extract_regex(paths, r"^(?P<parent>.*)/(?P<entry>[^/]*)$")
@@ -493,3 +589,10 @@ def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table
                         "reason": pa.repeat(pa.scalar(RejectReason.NO_LABEL.value), missing),
                         "detail": pa.repeat(pa.scalar("the list gives no label"), missing)}, schema=REJECTS_SCHEMA)
     return _encoded(table.filter(pc.invert(rejected)) if missing else table), rejects
+
+
+def _first_words(error: Exception, limit: int = 120) -> str:
+    """The start of an error's first line, printable: a parser's message may quote the file's raw bytes."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = re.sub(r"[^\x20-\x7e]", "?", line)
+    return line if len(line) <= limit else line[:limit] + "…"

@@ -8,6 +8,7 @@ workers free up, and the manifest is written shard by shard.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -37,24 +38,26 @@ from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_
 from subspectral import __version__
 
 from . import decompose, encode, resize
+from .decode import SizeLimits
 from .distributor import RayRunner, run_serial
-from .listing import LAYOUTS, Listed, ListingUnit, list_unit, plan_units
-from .plan import Plan, PlanOptions, ShardRange, make_plan
+from .listing import LAYOUTS, Listed, ListingUnit, combine, list_unit, plan_units
+from .outdir import claim, finished_shards, output_lock, remove_partials, verify_shards
+from .plan import DEFAULT_SHARD_BYTES, Plan, PlanOptions, ShardRange, make_plan
 from .shard import (
     SampleEncoder,
     SampleSpec,
     ShardTask,
     sample_member_bytes,
+    shard_name,
     stats_location,
     status_location,
     write_shard,
 )
-from .storage import Location, atomic_output, exists, read_json, write_json
+from .storage import Location, atomic_output, exists, free_bytes, read_json, write_json
 
 MAX_REJECT_FRACTION = 0.5  # default of --max-reject-fraction
 ESTIMATE_SAMPLES = 32  # images encoded to estimate the bytes of a sample (and so the shard size)
 ESTIMATE_ATTEMPTS = 256  # planned inputs tried for them before giving up
-_LISTING_GROUP = 512  # listed units whose tables are combined into one chunk as they arrive
 
 # What changes each reject reason, for the line that stops a run with too many rejects.
 REJECT_HINTS = {
@@ -68,6 +71,10 @@ REJECT_HINTS = {
     RejectReason.UNSAFE_TAR_MEMBER.value: "these tars hold links, devices or paths outside the tar",
 }
 DAMAGED_HINT = "the inputs themselves cannot be read as images"
+
+# Each shard task keeps one tar per sub-dataset open, with a 128 KiB (local) or 1 MiB (object store)
+# buffer each; 1024 is also the usual limit of open files per process.
+MAX_SUB_DATASETS = 1024
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,17 @@ class TooManyRejects(ValueError):
 def validate(options: PrepareOptions) -> None:
     spec = options.spec
     decompose.grid_factor(spec.split)
+    if spec.split > MAX_SUB_DATASETS:
+        raise ValueError(f"--split {spec.split}: at most {MAX_SUB_DATASETS} sub-datasets (each shard task keeps "
+                         "one tar per sub-dataset open)")
     if spec.size < 1:
         raise ValueError(f"--size must be positive, got {spec.size}")
+    if spec.image_size**2 > spec.limits.max_pixels:
+        raise ValueError(f"--size {spec.size} with --split {spec.split} resizes every image to {spec.image_size}x"
+                         f"{spec.image_size} = {spec.image_size**2} pixels, over the limit of {spec.limits.max_pixels}"
+                         " pixels per image; use a smaller --size")
+    if spec.limits.max_file_bytes < 1:
+        raise ValueError(f"--max-file-mb must be positive, got {spec.limits.max_file_bytes / 2**20:g}")
     if spec.resize_mode not in resize.RESIZE_MODES:
         raise ValueError(f"--resize-mode must be one of {', '.join(resize.RESIZE_MODES)}, got {spec.resize_mode!r}")
     if spec.transform not in ("none", "dct"):
@@ -110,8 +126,26 @@ def output_parameters(options: PrepareOptions) -> dict:
     """Everything that changes the output's bytes; a rerun against an existing --out must match it."""
     spec = asdict(options.spec)
     spec["limits"] = asdict(options.spec.limits)
+    plan = asdict(options.plan)
+    if plan["shard_size"] is not None:  # --shard-size given: the target tar size plays no part
+        plan["shard_bytes"] = None
     return {"sources": list(options.sources), "layout": options.layout, "label_field": options.label_field,
-            "spec": spec, "plan": asdict(options.plan), "schema_version": SCHEMA_VERSION}
+            "spec": spec, "plan": plan, "schema_version": SCHEMA_VERSION}
+
+
+def card_parameters(document: dict) -> dict:
+    """``output_parameters`` as a dataset card records them: what a rerun compares with once _work/ is gone."""
+    card = DatasetCard.from_json(document)
+    limits = SizeLimits(min_side=card.min_side, max_pixels=card.max_pixels, max_file_bytes=card.max_file_bytes)
+    spec = SampleSpec(split=card.split, size=card.size, resize_mode=card.resize_mode, transform=card.transform,
+                      image_format=card.format, quality=card.quality, limits=limits, sample_json=card.sample_json)
+    # shard_bytes set: the shard size was derived from it (and recorded in the card); None: --shard-size given.
+    plan = PlanOptions(shard_size=card.shard_size if card.shard_bytes is None else None, seed=card.seed,
+                       val_per_class=card.val_per_class, min_per_class=card.min_per_class,
+                       shard_bytes=card.shard_bytes or DEFAULT_SHARD_BYTES)
+    options = PrepareOptions(sources=card.source.uris, out="", layout=card.source.layout, spec=spec, plan=plan,
+                             label_field=card.source.label_field)
+    return output_parameters(options)
 
 
 def pil_flavour() -> str:
@@ -133,35 +167,61 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     validate(options)
     if not 0 <= max_reject_fraction <= 1:
         raise ValueError(f"--max-reject-fraction must be within 0..1, got {max_reject_fraction}")
-    out = Location(options.out)
-    params = output_parameters(options)
-    work = out.join("_work")
-    # Checks the sources (and a WebDataset source's labels) before claiming --out or starting Ray.
+    # Checks the sources (and a WebDataset source's labels) before --out is touched or Ray started.
     units, top_rejects = plan_units(list(options.sources), options.layout, options.label_field)
-    if not dry_run:
-        _claim_output(out, params)
-        if exists(out.join("dataset.json")):
-            card = DatasetCard.from_json(read_json(out.join("dataset.json")), out.join("dataset.json").uri)
+    if dry_run:
+        return _dry_run_command(options, units, top_rejects, num_workers=num_workers, ray_address=ray_address,
+                                executor=executor, log=log)
+    out = Location(options.out)
+    with output_lock(out, log):
+        claim(out, output_parameters(options), card_parameters, log)
+        removed = remove_partials(out)
+        if removed:
+            log(f"prepare: removed {removed} partial file(s) left by an interrupted run")
+        card = _intact_card(out, log)
+        if card is not None:
             log(f"{out.uri} is already complete: {card.counts.written} samples in {card.split} "
                 "sub-datasets; nothing to do")
             return card.to_json()
-    started = time.perf_counter()
+        return _write(options, units, top_rejects, out, num_workers=num_workers, ray_address=ray_address,
+                      executor=executor, max_reject_fraction=max_reject_fraction, log=log)
+
+
+def _dry_run_command(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.Table, *, num_workers: int,
+                     ray_address: str | None, executor: str, log: Callable[[str], None]) -> dict:
+    """List and plan without writing: folders and tars are listed on Ray workers (a list file in this process)."""
     parallel_listing = any(unit.kind != "list" for unit in units)
-    use_ray = executor == "ray" and (not dry_run or parallel_listing)
-    runner = RayRunner(num_workers, ray_address) if use_ray else None
+    runner = RayRunner(num_workers, ray_address) if executor == "ray" and parallel_listing else None
+    try:
+        inputs, listing_rejects = _listing(options, units, top_rejects, None, runner.map if runner else run_serial)
+        plan = make_plan(inputs, options.plan)
+        del inputs
+        shard_size, estimate = _shard_size(options, plan, None)
+        return _dry_run(options, plan, listing_rejects, shard_size, estimate, runner.parallelism if runner else 1,
+                        log)
+    finally:
+        if runner:
+            runner.shutdown()
+
+
+def _write(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.Table, out: Location, *,
+           num_workers: int, ray_address: str | None, executor: str, max_reject_fraction: float,
+           log: Callable[[str], None]) -> dict:
+    started = time.perf_counter()
+    runner = RayRunner(num_workers, ray_address) if executor == "ray" else None
     startup = time.perf_counter() - started
     mapper = runner.map if runner else run_serial
+    space, full_disk = _SpaceNeed(out), None
     try:
-        inputs, listing_rejects = _listing(options, units, top_rejects, work, mapper, cache=not dry_run)
+        work = out.join("_work")
+        inputs, listing_rejects = _listing(options, units, top_rejects, work, mapper)
         plan = make_plan(inputs, options.plan)
         del inputs
         pa.default_memory_pool().release_unused()  # planning's temporaries, back to the system before the run
-        shard_size, estimate = _shard_size(options, plan, work, cache=not dry_run)
-        if dry_run:
-            return _dry_run(options, plan, listing_rejects, shard_size, estimate,
-                            runner.parallelism if runner and parallel_listing else 1, log)
+        shard_size, estimate = _shard_size(options, plan, work)
         shards = plan.shards(shard_size)
-        pending = [shard for shard in shards if not exists(stats_location(out, shard.split, shard.shard))]
+        pending = _unfinished(out, shards, options.spec.split, log)
+        space.check(options, plan, pending, estimate)
         if ".post" not in pil_flavour():
             log("prepare: note: plain Pillow is loaded, not pillow-simd (resize is several times slower); "
                 "scripts/setup.sh installs pillow-simd")
@@ -173,15 +233,22 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
         work_started = time.perf_counter()
         totals = _run_shards(mapper, tasks, sum(shard.end - shard.start for shard in pending))
         elapsed = time.perf_counter() - work_started
+        card, examples = _finalise(options, out, plan, shards, shard_size, listing_rejects)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        full_disk = error
     finally:
         if runner:
-            runner.shutdown()
-    card, examples = _finalise(options, out, plan, shards, shard_size, listing_rejects)
+            runner.shutdown()  # before removing partial files: no task writes any more
+    if full_disk is not None:
+        remove_partials(out)
+        raise OSError(space.message(full_disk)) from None
     document = card.to_json()
     images = sum(shard.end - shard.start for shard in pending)
     summary = {**document, "run": {"startup_seconds": startup, "seconds": elapsed, "images": images,
-                               "images_per_second": images / elapsed if elapsed > 0 else None,
-                               "requests": totals["requests"], "stage_seconds": totals["seconds"]}}
+                                   "images_per_second": images / elapsed if elapsed > 0 else None,
+                                   "requests": totals["requests"], "stage_seconds": totals["seconds"]}}
     failure = reject_failure(document, max_reject_fraction, options, examples)
     log(format_summary(summary))
     if failure:
@@ -190,29 +257,35 @@ def prepare(options: PrepareOptions, *, num_workers: int, ray_address: str | Non
     return summary
 
 
-def _claim_output(out: Location, params: dict) -> None:
-    marker = out.join("_work", "params.json")
-    if exists(marker):
-        previous = read_json(marker)
-        if previous != params:
-            changed = _differences(previous, params)
-            raise ValueError(f"{out.uri} was prepared with other options ({'; '.join(changed)}); "
-                             "use another --out, or delete it to start over")
-        return
-    if exists(out.join("dataset.json")):
-        raise ValueError(f"{out.uri} holds a dataset without its _work/params.json; use another --out")
-    write_json(marker, params)
+def _intact_card(out: Location, log: Callable[[str], None]) -> DatasetCard | None:
+    """The card of a complete dataset whose shards are all intact; None (and the card deleted) otherwise."""
+    card_at = out.join("dataset.json")
+    if not exists(card_at):
+        return None
+    card = DatasetCard.from_json(read_json(card_at), card_at.uri)
+    shards = [shard_name(split, j) for split, info in card.splits.items() for j in range(info.shards)]
+    finished, damaged = verify_shards(out, shards, list(card.sub_datasets), with_status=False)
+    problems = [damaged.get(shard, f"stats/{shard}.json is missing") for shard in shards if shard not in finished]
+    if not problems:
+        return card
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if not exists(out.join("_work", "params.json")):
+        raise ValueError(f"{out.uri} is damaged: {problems[0]}{more}, and its _work/ folder, needed to rewrite it, "
+                         "was deleted; delete the dataset and prepare it again")
+    log(f"prepare: {out.uri} is damaged: {problems[0]}{more}; writing what is missing")
+    filesystem, path = card_at.resolve()
+    filesystem.delete_file(path)  # no longer complete: written again, last
+    return None
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} then, {b!r} now")
-    return changed
+def _unfinished(out: Location, shards: list[ShardRange], split: int, log: Callable[[str], None]) -> list[ShardRange]:
+    """The shards to write: those not finished, and finished ones whose files are no longer all intact."""
+    finished, damaged = verify_shards(out, [shard_name(s.split, s.shard) for s in shards], sub_dataset_names(split))
+    for shard, problem in sorted(damaged.items()):
+        log(f"prepare: {problem}: writing shard {shard} again")
+        filesystem, path = out.join("stats", f"{shard}.json").resolve()
+        filesystem.delete_file(path)  # unfinished until written again
+    return [s for s in shards if shard_name(s.split, s.shard) not in finished]
 
 
 def _list_numbered(item: tuple[int, ListingUnit]) -> tuple[int, Listed]:
@@ -221,42 +294,72 @@ def _list_numbered(item: tuple[int, ListingUnit]) -> tuple[int, Listed]:
     return number, list_unit(unit)
 
 
-def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.Table, work: Location,
-             mapper: Callable, cache: bool) -> tuple[pa.Table, pa.Table]:
-    """Every unit's inputs, in unit order: list files streamed here, folders and tars listed by the workers."""
-    inputs_at, rejects_at = work.join("inputs.parquet"), work.join("listing_rejects.parquet")
-    if cache and exists(inputs_at) and exists(rejects_at):
+class _SpaceNeed:
+    """The space a run needs on a local --out: refused up front when short, stated when the disk fills."""
+
+    def __init__(self, out: Location) -> None:
+        self.out = out
+        self.per_image: float | None = None  # bytes of one image's N samples, estimated by encoding a few
+        self.pending: list[ShardRange] = []
+
+    def check(self, options: PrepareOptions, plan: Plan, pending: list[ShardRange], estimate: dict | None) -> None:
+        self.pending = pending
+        free = free_bytes(self.out)
+        if free is None or not pending:
+            return
+        estimate = estimate or estimate_sample_bytes(options, plan)
+        self.per_image = (estimate["bytes_per_sample_per_sub_dataset"] or 0.0) * options.spec.split
+        needed = self.per_image * sum(shard.end - shard.start for shard in pending)
+        if needed > free:
+            raise OSError(f"not enough space for {self.out.uri}: about {_human(needed)} needed for {len(pending)} "
+                          f"shard(s), {_human(free)} free; free some space or use another --out")
+
+    def message(self, error: OSError) -> str:
+        """One line for a full disk: where, about how much more the run needs, how much is free."""
+        text = f"no space left on the device of {self.out.uri}"
+        if error.filename:
+            text += f" (writing {error.filename})"
+        if self.per_image is not None:
+            finished = finished_shards(self.out)
+            left = sum(s.end - s.start for s in self.pending if shard_name(s.split, s.shard) not in finished)
+            text += f": about {_human(self.per_image * left)} more needed"
+        free = free_bytes(self.out)
+        if free is not None:
+            text += f", {_human(free)} free"
+        return text + "; free some space and rerun the same command to resume"
+
+
+def _listing(options: PrepareOptions, units: list[ListingUnit], top_rejects: pa.Table, work: Location | None,
+             mapper: Callable) -> tuple[pa.Table, pa.Table]:
+    """Every unit's inputs, in unit order: list files streamed here, folders and tars listed by the workers.
+    Cached in ``work`` (None: not cached)."""
+    inputs_at, rejects_at = (work.join("inputs.parquet"), work.join("listing_rejects.parquet")) if work else (None,) * 2
+    if work and exists(inputs_at) and exists(rejects_at):
         return read_table(inputs_at), read_table(rejects_at)
     listed: dict[int, Listed] = {number: list_unit(unit) for number, unit in enumerate(units) if unit.kind == "list"}
     remote = [(number, unit) for number, unit in enumerate(units) if unit.kind != "list"]
     listed.update(mapper(_list_numbered, remote))
     # Units finish in any order on Ray; unit order makes every table independent of scheduling.
-    numbers = sorted(listed)
-    # Thousands of small per-unit tables become a few chunks; a list file's table stays as it is (no copy).
-    groups = [numbers[i : i + _LISTING_GROUP] for i in range(0, len(numbers), _LISTING_GROUP)]
-    inputs = pa.concat_tables(
-        [listed[group[0]].inputs if len(group) == 1 else
-         pa.concat_tables([listed[n].inputs for n in group]).unify_dictionaries().combine_chunks() for group in groups]
-    ).unify_dictionaries() if groups else None
-    if inputs is None or inputs.num_rows == 0:
-        raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
-    rejects = pa.concat_tables([top_rejects, *[listed[n].rejects for n in numbers]])
+    inputs, rejects = combine([listed[number] for number in sorted(listed)], top_rejects)
     del listed
-    if cache:
+    if inputs.num_rows == 0:
+        raise ValueError(f"no images found in {', '.join(options.sources)} (layout {options.layout})")
+    if work:
         write_table(inputs_at, inputs)
         write_table(rejects_at, rejects)
     return inputs, rejects
 
 
-def _shard_size(options: PrepareOptions, plan: Plan, work: Location, cache: bool) -> tuple[int | None, dict | None]:
+def _shard_size(options: PrepareOptions, plan: Plan, work: Location | None) -> tuple[int | None, dict | None]:
     """``--shard-size``, or the number of samples that makes one tar of one sub-dataset about ``--shard-bytes``.
 
     The estimate encodes a few planned images. A run keeps its first estimate in ``_work/shard_size.json``, so
     a rerun (even on a machine whose Pillow resizes a little differently) cuts the same shards.
     """
-    at = work.join("shard_size.json")
+    cache = work is not None  # a real run; a dry run (no work folder) only estimates
     if options.plan.shard_size is not None:  # a real run needs no estimate then; a dry run shows one
         return options.plan.shard_size, estimate_sample_bytes(options, plan) if not cache else None
+    at = work.join("shard_size.json") if cache else None
     if cache and exists(at):
         recorded = read_json(at)
         return recorded["shard_size"], recorded["estimate"]
@@ -286,7 +389,8 @@ def estimate_sample_bytes(options: PrepareOptions, plan: Plan) -> dict:
     from .decode import RejectedInput
     from .reader import SourceReader
 
-    reader, sample_encoder, sizes = SourceReader(), SampleEncoder(options.spec), []
+    reader = SourceReader(options.spec.limits.max_file_bytes)
+    sample_encoder, sizes = SampleEncoder(options.spec), []
     tried = min(plan.num_rows, ESTIMATE_ATTEMPTS)
     rows = plan.shard_rows(ShardRange("train", 0, 0, tried), max(1, tried)).to_pylist() if tried else []
     reader.expect([(row["source"], row["offset"], row["size"]) for row in rows])
@@ -408,6 +512,7 @@ def _finalise(options: PrepareOptions, out: Location, plan: Plan, shards: list[S
         min_per_class=options.plan.min_per_class,
         min_side=spec.limits.min_side,
         max_pixels=spec.limits.max_pixels,
+        max_file_bytes=spec.limits.max_file_bytes,
         num_classes=len(plan.classes),
         class_table_sha256=class_table_sha256(plan.classes),
         sub_datasets=tuple(sub_dataset_names(spec.split)),

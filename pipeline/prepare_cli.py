@@ -2,9 +2,14 @@
 followed by a DCT across the N components), and write N aligned WebDataset sub-datasets
 (OUT/sub-00 … OUT/sub-{N-1}) with a dataset card, class table, manifest and rejects table.
 
-Without --src, the embedded sample corpus is generated (deterministically, no network) and used.
+Without --src, the embedded sample corpus is generated (deterministically, no network) and used,
+with 20 images per class held out for val.
 The work runs as Ray tasks on an embedded local Ray, or on a cluster with --ray-address / RAY_ADDRESS.
-Rerunning the same command resumes: finished shards are kept, the rest is written.
+Rerunning the same command resumes: finished shards whose tars are all intact are kept, the rest is
+written. One prepare at a time per --out: a second one is refused (local folders are locked).
+Errors are one line on stderr: exit 2 for refused input, 1 for faults a retry may fix (a full disk,
+a store that does not answer: object-store requests give up after $SUBSPECTRAL_STORAGE_TIMEOUT seconds
+without a byte, default 15). SIGTERM or Ctrl-C stops cleanly; a second one stops at once.
 
 A run that writes nothing, or rejects more than --max-reject-fraction of its inputs, exits 2 with one
 line naming the main reject reason; everything but dataset.json stays in --out.
@@ -34,6 +39,7 @@ DEFAULTS = {
     "format": None,  # jpg, or dctz with --transform dct
     "quality": 95,
     "val_per_class": 0,
+    "sample_val_per_class": 20,  # the embedded sample corpus gets a val split, as ImageNet has
     "min_per_class": 0,
     "shard_size": None,  # from --shard-bytes
     "shard_bytes": "256MB",
@@ -41,6 +47,7 @@ DEFAULTS = {
     "layout": "auto",
     "min_side": 32,
     "max_reject_fraction": 0.5,
+    "max_file_mb": 256,  # = decode.DEFAULT_MAX_FILE_BYTES
 }
 _M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 64 * 1024  # glibc's mallopt parameter; blocks from this size are mapped
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -93,10 +100,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              help="JPEG/WebP quality, 1-100 (default: %(default)s)")
     split_group.add_argument("--min-side", type=int, default=d["min_side"], metavar="PX",
                              help="reject images whose shorter side is under this (default: %(default)s)")
+    split_group.add_argument("--max-file-mb", type=float, default=d["max_file_mb"], metavar="MIB",
+                             help="reject input files larger than this many MiB, unread; the size of an image at "
+                                  "the decompression-bomb limit (89.5 Mpx) in uncompressed RGB "
+                                  "(default: %(default)s)")
     plan_group = parser.add_argument_group("classes, splits and shards")
-    plan_group.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
+    plan_group.add_argument("--val-per-class", type=int, default=None, metavar="N",
                             help="hold out N images per class for val, chosen by a seeded hash of the key; a source "
-                                 "with its own train/ and val/ keeps them (default: %(default)s)")
+                                 "with its own train/ and val/ keeps them (default: "
+                                 f"{d['val_per_class']}, or {d['sample_val_per_class']} for the embedded sample "
+                                 "corpus)")
     plan_group.add_argument("--min-per-class", type=int, default=d["min_per_class"], metavar="N",
                             help="drop classes with fewer than N images (ImageNet-21K-P: 500) (default: %(default)s)")
     plan_group.add_argument("--shard-size", type=int, default=d["shard_size"], metavar="N",
@@ -133,15 +146,17 @@ def options_from_args(args: argparse.Namespace):
 
     if args.src:
         sources = tuple(location(src).uri for src in args.src)
+        val_per_class = DEFAULTS["val_per_class"] if args.val_per_class is None else args.val_per_class
     else:
         from .sample import sample_corpus
 
         sources = (location(sample_corpus()).uri,)
+        val_per_class = DEFAULTS["sample_val_per_class"] if args.val_per_class is None else args.val_per_class
     image_format = args.format or ("dctz" if args.transform == "dct" else "jpg")
+    limits = SizeLimits(min_side=args.min_side, max_file_bytes=int(args.max_file_mb * 2**20))
     spec = SampleSpec(split=args.split, size=args.size, resize_mode=args.resize_mode, transform=args.transform,
-                      image_format=image_format, quality=args.quality, limits=SizeLimits(min_side=args.min_side),
-                      sample_json=args.sample_json)
-    plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=args.val_per_class,
+                      image_format=image_format, quality=args.quality, limits=limits, sample_json=args.sample_json)
+    plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=val_per_class,
                        min_per_class=args.min_per_class, shard_bytes=args.shard_bytes)
     return PrepareOptions(sources=sources, out=location(args.out).uri, layout=args.layout, spec=spec, plan=plan,
                           label_field=args.label_field)
@@ -164,7 +179,7 @@ def lean_driver_memory() -> None:
 
 def run(args: argparse.Namespace) -> int:
     lean_driver_memory()
-    from .distributor import default_workers
+    from .distributor import TaskFailed, default_workers
     from .prepare import prepare
 
     try:
@@ -174,7 +189,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-workers must be at least 1, got {workers}")
         prepare(options, num_workers=workers, ray_address=args.ray_address, dry_run=args.dry_run,
                 executor=args.executor, max_reject_fraction=args.max_reject_fraction)
-    except (ValueError, OSError) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
+    except ValueError as error:  # refused input: retrying cannot help
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except (OSError, TaskFailed) as error:  # a fault (full disk, store unreachable, worker killed): a retry may help
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: pyarrow's and libjpeg's messages may span several."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -4,16 +4,23 @@ A shard task announces its members first (``expect``): members of one tar that l
 other (gaps under ``COALESCE_GAP``) are fetched by one ranged read and served from memory, so a task
 makes at most one read per such run, never one per member. On object storage a read is one GET;
 opening an object costs one more request (pyarrow asks for its size), once per object and task.
+
+What is read per input is bounded: a file over ``max_bytes`` is rejected before it is read (and a
+file that grows past it while read is rejected at that point), and a local path that is not a
+regular file — a FIFO, a device such as /dev/zero, a socket — is rejected without being opened.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decode import DEFAULT_MAX_FILE_BYTES, TOO_LARGE, RejectedInput
 from .storage import Location, is_remote
+from .walk import NOT_A_FILE, special_kind
 
 COALESCE_GAP = 512 * 1024  # bytes between two members read through rather than paying another request
 MAX_RUN = 64 * 2**20  # bytes of one coalesced read
@@ -32,7 +39,8 @@ class _Run:
 class SourceReader:
     """Reads inputs; counts its requests (``reads``: ranged reads or whole files; ``opens``: objects opened)."""
 
-    def __init__(self, max_open: int = 64) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_FILE_BYTES, max_open: int = 64) -> None:
+        self.max_bytes = max_bytes
         self._files: OrderedDict[str, Any] = OrderedDict()
         self._objects: dict[str, Any] = {}
         self._max_open = max_open
@@ -61,15 +69,18 @@ class SourceReader:
 
     def read(self, source: str, offset: int, size: int) -> bytes:
         """The whole file when ``offset`` < 0 (``size``, the listed size or -1, only sizes the first read),
-        else ``size`` bytes at ``offset`` of a container tar."""
+        else ``size`` bytes at ``offset`` of a container tar. Raises :class:`RejectedInput` for an input
+        too large or not a file, ``OSError`` when reading fails."""
         if offset < 0:
             self.reads += 1
             if not is_remote(source):
-                return _read_local_file(source, size)
+                return _read_local_file(source, size, self.max_bytes)
             self.opens += 1
             filesystem, path = Location(source).resolve()
             with filesystem.open_input_file(path) as handle:
+                _check_size(handle.size(), self.max_bytes)
                 return handle.read()
+        _check_size(size, self.max_bytes)
         run = self._runs.get((source, offset))
         if run is None or run.end - run.start == size:  # a member alone: read it straight
             data = self._read_at(source, offset, size)
@@ -133,20 +144,33 @@ class SourceReader:
         self._cached_bytes = 0
 
 
-def _read_local_file(path: str, size_hint: int) -> bytes:
-    """A local file's bytes with four system calls (open, read, read to confirm the end, close).
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise RejectedInput(TOO_LARGE, f"{size} bytes, over the limit of {max_bytes} (--max-file-mb)")
+
+
+def _read_local_file(path: str, size_hint: int, max_bytes: int) -> bytes:
+    """A local file's bytes with five system calls (stat, open, read, read to confirm the end, close).
 
     Python's ``open(path, "rb").read()`` makes nine here (two fstat, an isatty ioctl, two lseek), and
-    each costs microseconds on these VMs. The file is read to its end whatever ``size_hint`` says, so a
-    file that changed since listing is read whole.
+    each costs microseconds on these VMs. The ``stat`` comes first so that a FIFO (which would block)
+    or a device (whose open may act) is never opened; O_NONBLOCK keeps a FIFO swapped in after the
+    ``stat`` from blocking. The file is read to its end whatever ``size_hint`` says, so a file that
+    changed since listing is read whole, up to ``max_bytes``.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise RejectedInput(NOT_A_FILE, f"a {special_kind(info.st_mode)}: never opened")
+    _check_size(info.st_size, max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        chunks = []
-        request = size_hint + 1 if size_hint >= 0 else 1 << 20
+        chunks, total = [], 0
+        request = min(size_hint if size_hint >= 0 else 1 << 20, max_bytes) + 1
         while chunk := os.read(fd, request):
             chunks.append(chunk)
-            request = 1 << 20
+            total += len(chunk)
+            _check_size(total, max_bytes)
+            request = min(1 << 20, max_bytes + 1 - total)
     finally:
         os.close(fd)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -151,7 +151,7 @@ def write_shard(task: ShardTask) -> dict:
     names = sub_dataset_names(spec.split)
     tar_name = shard_file(task.split, task.shard)
     sample_encoder = SampleEncoder(spec)
-    reader = SourceReader()
+    reader = SourceReader(spec.limits.max_file_bytes)
     status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
     rows = task.rows.select(["key", "label", "class", "source", "member", "offset", "size"]).to_pylist()
     reader.expect([(row["source"], row["offset"], row["size"]) for row in rows])
@@ -172,6 +172,9 @@ def write_shard(task: ShardTask) -> dict:
             start = clock()
             try:
                 data = reader.read(row["source"], row["offset"], row["size"])
+            except RejectedInput as error:  # not a file, or too large: never read
+                _record(status, key, error.reason, error.detail)
+                continue
             except OSError as error:
                 _record(status, key, RejectReason.UNREADABLE, str(error))
                 continue

@@ -94,6 +94,7 @@ class DatasetCard:
     min_per_class: int
     min_side: int
     max_pixels: int
+    max_file_bytes: int  # larger files were rejected unread (too_large)
     num_classes: int
     class_table_sha256: str
     sub_datasets: tuple[str, ...]
@@ -167,6 +168,7 @@ class DatasetCard:
             "min_per_class": self.min_per_class,
             "min_side": self.min_side,
             "max_pixels": self.max_pixels,
+            "max_file_bytes": self.max_file_bytes,
             "num_classes": self.num_classes,
             "class_table_sha256": self.class_table_sha256,
             "sub_datasets": list(self.sub_datasets),

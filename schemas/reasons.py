@@ -19,6 +19,10 @@ class RejectReason(str, Enum):
     STRAY_FILE = "stray_file"
     EMPTY_CLASS = "empty_class"
     BELOW_MIN_PER_CLASS = "below_min_per_class"
+    SYMLINK_LOOP = "symlink_loop"
+    OUTSIDE_SOURCE = "outside_source"
+    DANGLING_LINK = "dangling_link"
+    NOT_A_FILE = "not_a_file"
     DUPLICATE_INPUT = "duplicate_input"
     NO_LABEL = "no_label"
 

@@ -15,11 +15,14 @@ the Python API (``subspectral.prepare`` & co.) does none of that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 
 from subspectral import __version__
 from subspectral.train import stopping
@@ -60,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    # Batch schedulers pre-empt with SIGTERM: unwind normally (Ray shut down, files closed; every
-    # output is written atomically), so rerunning the same command resumes where this one stopped.
+    # Batch schedulers pre-empt with SIGTERM, users press Ctrl-C: unwind normally (Ray shut down, files
+    # closed; every output is written atomically), so rerunning the same command resumes where this one stopped.
     message = f"{signal.Signals(signum).name} received: stopped; rerun the same command to resume"
     stopping.request(message)  # in case the exception below lands where Python drops it
     raise SystemExit(message)
@@ -89,10 +95,54 @@ def configure_logging() -> None:
     logger.propagate = False
 
 
+def _handle_stop_signals() -> None:
+    """SIGTERM and SIGINT stop the command cleanly; a second one stops it at once.
+
+    Python runs a signal handler only between bytecodes, so while the main thread is blocked in a
+    C call (a storage request to a store that does not answer, until its timeout) the first signal
+    waits. A thread that reads the signal wakeup fd sees every signal as it arrives: at the second,
+    it exits without unwinding (outputs are atomic: a rerun removes what is left and resumes).
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_on_sigterm)
+    if _watching:  # main() again in this process (a test): the watcher runs already
+        signal.set_wakeup_fd(_watching[0], warn_on_full_buffer=False)
+        return
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    _watching[:] = [sender.fileno()]
+    # A forked child (a DataLoader worker) inherits the wakeup fd: its signals must not count here.
+    os.register_at_fork(after_in_child=_forget_wakeup_fd)
+    threading.Thread(target=_exit_on_second_signal, args=(receiver, sender), name="second-signal",
+                     daemon=True).start()
+
+
+def _forget_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError):  # forked from a thread other than the main one: cannot be undone
+        signal.set_wakeup_fd(-1)
+
+
+_watching: list[int] = []
+
+
+def _exit_on_second_signal(receiver: socket.socket, sender: socket.socket) -> None:
+    """Runs for the life of the process; ``sender`` is the wakeup fd, kept open by being an argument."""
+    received = 0
+    while data := receiver.recv(64):
+        for signum in data:
+            if signum in STOP_SIGNALS:
+                received += 1
+                if received >= 2:
+                    name = signal.Signals(signum).name
+                    os.write(2, f"{name} received again: exiting now; rerun the same command to resume\n".encode())
+                    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _handle_stop_signals()
     return int(args._run(args) or 0)
 
 

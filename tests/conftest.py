@@ -1,15 +1,20 @@
-"""Shared fixtures: real images, a real Ray, the embedded sample corpus, a real S3 server, and a runner for the CLI."""
+"""Shared fixtures: real images, a real Ray, the embedded sample corpus, a real S3 server, a store that never
+answers, a small real disk (tmpfs), and a runner for the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,3 +202,76 @@ def run_as_srun_tasks(command: list[str], ntasks: int, env: dict | None = None,
                 task.kill()
                 task.wait()
     return results
+
+
+@pytest.fixture
+def stalled_endpoint() -> Iterator[tuple[str, list[socket.socket]]]:
+    """An http:// endpoint that accepts connections and never answers (a hung object store), and the list
+    of connections it accepted so far."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the server socket closed: the test is over
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (tmpfs) at ``path``: a disk that fills. Needs root with CAP_SYS_ADMIN;
+    the test is skipped where mounting is impossible, and fails instead under ``SUBSPECTRAL_REQUIRE_TMPFS=1``
+    (set by .ci/run: CI runs as root, so a skip there would hide a lost capability)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                           text=True, check=False)
+    if mount.returncode != 0:
+        reason = f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {mount.stderr.strip()}"
+        if os.environ.get("SUBSPECTRAL_REQUIRE_TMPFS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def fill_disk(path: Path) -> Path:
+    """Write a file at ``path`` until its filesystem is full; returns it (delete it to free the space)."""
+    block = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as ballast:
+        with contextlib.suppress(OSError):
+            while True:
+                ballast.write(block)
+        with contextlib.suppress(OSError):  # the last few KB
+            while True:
+                ballast.write(block[:4096])
+    return path
+
+
+def call_within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, failing the test if it has not returned after ``seconds`` (it is left blocked in a daemon
+    thread: a call that hangs, on a FIFO say, cannot be interrupted)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

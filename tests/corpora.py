@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -128,3 +129,46 @@ def add_tar_quirks(root: Path) -> None:
     with tarfile.open(root / "n007.tar", "w"):
         pass
     (root / "notes.txt").write_bytes(b"not a class tar")
+
+
+def add_link_quirks(root: Path, outside: Path) -> dict[str, str]:
+    """Links, loops and special files in a tree made by ``image_folder``: relative path → expected reason.
+
+    Every real image stays listed once, under its own path; nothing here is opened, and nothing
+    outside ``root`` (``outside`` holds an image and is linked to) is read.
+    """
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "elsewhere.JPEG").write_bytes(jpeg(900))
+    (root / "n001" / "sub").mkdir()
+    links = {
+        "n001/sub/up": "..",  # the issue's loop: a tree of 18 files became 738 inputs
+        "n001/self": ".",
+        "n001/root": "..",  # the source root, which holds n001
+        "n001/chain.JPEG": "chain.JPEG",  # a link to itself
+        "n001/alias": "../n002",  # another class folder: its files are listed there already
+        "n001/same.JPEG": "n001_0.JPEG",  # a file listed under its own name
+        "n003/borrowed.JPEG": "../n001/n001_1.JPEG",  # ... in another class
+        "n001/out.JPEG": str(outside / "elsewhere.JPEG"),
+        "n002/outdir": str(outside),
+        "n002/dangling.JPEG": "missing.JPEG",
+        "n002/zero.JPEG": "/dev/zero",
+        "n002/null.jpg": "/dev/null",
+        "loop": ".",  # at the top level, among the class folders
+        "gone": "nowhere",
+        "elsewhere": str(outside),
+    }
+    for relative, target in links.items():
+        (root / relative).symlink_to(target)
+    os.mkfifo(root / "n003" / "pipe.JPEG")
+    os.mkfifo(root / "fifo")
+    loops = ("n001/sub/up", "n001/self", "n001/root", "n001/chain.JPEG", "loop")
+    return {
+        **dict.fromkeys(loops, "symlink_loop"),
+        **dict.fromkeys(("n001/same.JPEG", "n003/borrowed.JPEG"), "duplicate_input"),
+        # n002 seen again through n001/alias: its images and its bad entries alike
+        **{f"n001/alias/{name}": "duplicate_input" for name in
+           [*(f"n002_{i}.JPEG" for i in range(GOOD_PER_CLASS)), "outdir", "dangling.JPEG", "zero.JPEG", "null.jpg"]},
+        **dict.fromkeys(("n001/out.JPEG", "n002/outdir", "elsewhere"), "outside_source"),
+        **dict.fromkeys(("n002/dangling.JPEG", "gone"), "dangling_link"),
+        **dict.fromkeys(("n002/zero.JPEG", "n002/null.jpg", "n003/pipe.JPEG", "fifo"), "not_a_file"),
+    }

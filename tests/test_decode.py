@@ -120,3 +120,38 @@ def test_a_reused_decode_buffer_gives_the_same_pixels():
         reused = np.asarray(decode_image(data, scratch=scratch).image).copy()
         np.testing.assert_array_equal(reused, np.asarray(decode_image(data).image))
     assert len(scratch) == 1400 * 1000 * 4
+
+
+def _with_frame_size(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its SOF header claiming another size (the scan data stays as it was)."""
+    at = data.index(b"\xff\xc0") + 5
+    return data[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 4:]
+
+
+def _cut_before_end(data: bytes) -> bytes:
+    """Half the scan data, then a proper end-of-image marker: 'premature end of data segment'."""
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+_CMYK = encode(Image.fromarray(photo_like(300, 200, seed=5)).convert("CMYK"), quality=90)
+
+
+@pytest.mark.parametrize("data", [
+    _with_frame_size(encode(photo_like(64, 64, seed=1), quality=90), 9000, 9000),  # 64x64 of data
+    _cut_before_end(encode(photo_like(300, 200, seed=2), quality=90)),
+    _cut_before_end(_CMYK),  # decoded by Pillow, which fills the rest with grey
+], ids=["header-claims-9000x9000", "cut-before-end-marker", "cmyk-cut-before-end-marker"])
+def test_a_jpeg_libjpeg_reports_corrupt_is_rejected_whichever_decoder_reads_it(data):
+    with pytest.raises(RejectedInput) as caught:
+        decode_image(data)
+    assert caught.value.reason == "truncated"
+    assert "premature end" in caught.value.detail.lower()
+
+
+def test_junk_after_the_image_data_keeps_the_image():
+    """libjpeg warns of 'extraneous bytes before marker 0xd9', after every pixel is decoded: a few ImageNet
+    files have it, and they are whole images."""
+    data = encode(photo_like(200, 150, seed=3), quality=90)
+    decoded = decode_image(data[:-2] + bytes(100) + data[-2:])
+    np.testing.assert_array_equal(rgb(decoded), rgb(decode_image(data)))
+    assert decode_image(_CMYK).image.size == (300, 200)

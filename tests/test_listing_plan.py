@@ -9,8 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from corpora import GOOD_PER_CLASS, TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
-from subspectral.pipeline.listing import list_unit, plan_units, source_uris
+from corpora import (
+    GOOD_PER_CLASS,
+    TAR_QUIRKS,
+    add_folder_quirks,
+    add_link_quirks,
+    add_tar_quirks,
+    class_tars,
+    image_folder,
+    jpeg,
+)
+from subspectral.pipeline.listing import combine, list_unit, plan_units, source_uris
 from subspectral.pipeline.plan import PlanOptions, hash_order, make_plan
 from subspectral.pipeline.storage import location
 from subspectral.schemas.tables import INPUTS_SCHEMA
@@ -18,10 +27,7 @@ from subspectral.schemas.tables import INPUTS_SCHEMA
 
 def list_all(root, layout="auto"):
     units, rejects = plan_units([location(root).uri], layout)
-    listed = [list_unit(unit) for unit in units]
-    inputs = pa.concat_tables([item.inputs for item in listed])
-    rejects = pa.concat_tables([rejects, *[item.rejects for item in listed]])
-    return inputs, rejects
+    return combine([list_unit(unit) for unit in units], rejects)
 
 
 def reasons_by_name(rejects):
@@ -40,6 +46,42 @@ def test_image_folder_lists_images_and_rejects_structure(tmp_path):
     assert set(inputs.column("class").to_pylist()) == {"n001", "n002", "n003"}
     listed = {str(p) for p in root.glob("n00*/*") if p.suffix in (".JPEG", ".jpg", ".png")}
     assert set(source_uris(inputs).to_pylist()) == listed
+
+
+def test_links_loops_and_special_files_end_up_listed_once_or_rejected(tmp_path):
+    root = image_folder(tmp_path / "corpus")
+    expected = add_link_quirks(root, tmp_path / "outside")
+    inputs, rejects = list_all(root)
+    sources = source_uris(inputs).to_pylist()
+    assert sorted(sources) == sorted(str(p) for p in root.glob("n00*/n00*_*.JPEG"))  # the 18 real files, once each
+    got = {row["source"].split(str(root) + "/", 1)[1]: row["reason"] for row in rejects.to_pylist()}
+    assert got == expected
+    assert not any("elsewhere" in source for source in sources)
+
+
+def test_a_question_mark_in_a_local_path_is_part_of_the_path(tmp_path):
+    root = tmp_path / "c?x=1"
+    (root / "cat?dup").mkdir(parents=True)
+    (root / "cat?dup" / "a?b.JPEG").write_bytes(jpeg(1))
+    (root / "cat").mkdir()
+    (root / "cat" / "c.JPEG").write_bytes(jpeg(2))
+    inputs, rejects = list_all(root)
+    assert rejects.num_rows == 0
+    assert sorted(zip(inputs.column("class").to_pylist(), source_uris(inputs).to_pylist(), strict=True)) == [
+        ("cat", str(root / "cat" / "c.JPEG")), ("cat?dup", str(root / "cat?dup" / "a?b.JPEG"))]
+    (tmp_path / "list?.csv").write_text("path,label\nc?x=1/cat?dup/a?b.JPEG,q\n")
+    listed, _ = list_all(tmp_path / "list?.csv")
+    assert source_uris(listed).to_pylist() == [str(root / "cat?dup" / "a?b.JPEG")]
+
+
+def test_a_list_that_is_not_a_list_is_refused_in_one_line(tmp_path):
+    (tmp_path / "photo.csv").write_bytes(jpeg(3))
+    with pytest.raises(ValueError, match="not a CSV list of images") as caught:
+        list_all(tmp_path / "photo.csv")
+    assert "\n" not in str(caught.value) and all(" " <= c <= "~" or c == "…" for c in str(caught.value))
+    (tmp_path / "photo.JPEG").write_bytes(jpeg(3))
+    with pytest.raises(ValueError, match="is an image; give the folder"):
+        list_all(tmp_path / "photo.JPEG")
 
 
 def test_class_tars_locate_members_in_place_and_never_follow_unsafe_ones(tmp_path):
