@@ -18,7 +18,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decode import DEFAULT_MAX_FILE_BYTES, TOO_LARGE, RejectedInput
+from subspectral.schemas.reasons import RejectReason
+
+from .decode import DEFAULT_MAX_FILE_BYTES, RejectedInput
 from .storage import Location, is_remote
 from .walk import NOT_A_FILE, special_kind
 
@@ -146,7 +148,7 @@ class SourceReader:
 
 def _check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise RejectedInput(TOO_LARGE, f"{size} bytes, over the limit of {max_bytes} (--max-file-mb)")
+        raise RejectedInput(RejectReason.TOO_LARGE, f"{size} bytes, over the limit of {max_bytes} (--max-file-mb)")
 
 
 def _read_local_file(path: str, size_hint: int, max_bytes: int) -> bytes:
