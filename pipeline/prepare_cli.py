@@ -167,10 +167,10 @@ def lean_driver_memory() -> None:
     ImageNet-21K) and frees large temporaries as it goes.
 
     With Arrow's default allocator (mimalloc), and glibc's mmap threshold that grows as blocks are freed,
-    the memory stays with the process: planning 13.15 M inputs peaked at 2.05 GB of RSS, against 1.24 GB
-    with Arrow on the system allocator and every block of 64 KB or more mapped, and unmapped, on its own
-    (BENCHMARKS.md). Arrow reads its setting when first imported: call this before that. Shard workers keep
-    their defaults.
+    freed memory stays with the process, and planning's temporaries add up to the peak; with Arrow on the
+    system allocator and every block of 64 KB or more mapped (and unmapped) on its own, it goes back
+    (the driver's peak at 13.15 M inputs: BENCHMARKS.md, "prepare at ImageNet-21K scale"). Arrow reads its
+    setting when first imported: call this before that. Shard workers keep their defaults.
     """
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator's defaults stay

@@ -96,7 +96,7 @@ def test_listing_a_class_tar_costs_one_request_to_open_and_one_per_64_mb(s3_requ
 
 def test_prepare_reads_each_run_of_members_with_one_request(s3_request_log, tmp_path):
     """A shard holding whole class tars: each tar costs one request to open and one read (before: one per member),
-    on top of its listing's two; the summary reports the reads per image."""
+    on top of its listing's two and the space estimate's two; the summary reports the shard's reads per image."""
     sizes = upload_class_tars(s3_client(s3_request_log.url), "reads", tmp_path)
     env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_request_log.url}
     s3_request_log.mark()
@@ -104,7 +104,9 @@ def test_prepare_reads_each_run_of_members_with_one_request(s3_request_log, tmp_
                      "--size", "16", "--shard-size", "1000", "--executor", "serial", env=env)
     images = 3 * MEMBERS_PER_TAR
     assert f"{images} written + 0 rejected" in result.stdout
-    expected = {key: 2 + 2 for key in sizes}  # listing: open + one GET; shard: open + one GET
+    # listing: open + one GET; the space check on a local --out, which encodes a few planned images: open + one
+    # GET; the shard: open + one GET
+    expected = {key: 2 + 2 + 2 for key in sizes}
     expected["/reads/tars/n001.tar"] += 2  # the look into the first tar that tells class tars from WebDataset shards
     assert per_object(s3_request_log.since_mark()) == expected
     assert f"reads: 6 requests for {images} images (0.05 per image)" in result.stdout
