@@ -42,7 +42,7 @@ from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import INPUTS_SCHEMA, REJECTS_SCHEMA
 
 from .storage import SCHEME_PATTERN, Location, is_remote
-from .walk import DUPLICATE_INPUT, Entry, SourceTree, special_kind
+from .walk import Entry, SourceTree, special_kind
 
 LAYOUTS = ("auto", "imagefolder", "class-tars", "webdataset", "list")
 IMAGE_EXTENSIONS = frozenset(
@@ -308,7 +308,7 @@ def combine(listed: list[Listed], top_rejects: pa.Table) -> tuple[pa.Table, pa.T
     duplicates = _RejectBuilder()
     for row in links.sort_by("source").to_pylist():
         if row["target"] in seen:
-            duplicates.add(row["source"], DUPLICATE_INPUT, f"the same as {row['target']}")
+            duplicates.add(row["source"], RejectReason.DUPLICATE_INPUT, f"the same as {row['target']}")
         seen.add(row["target"])
     dropped = duplicates.table()
     keep = [pc.invert(pc.is_in(column, value_set=dropped.column("source")))
@@ -506,24 +506,46 @@ def _sample_label(members: list[tuple[tarfile.TarInfo, str, bytes | None]], fiel
     return None
 
 
+class _BlankCells:
+    """Rows without a path or a label cannot be listed: counted over every batch, then the list is refused
+    with one line naming the first such row."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[int]] = {}  # column → [blank rows, first blank data row]
+
+    def count(self, table: pa.Table, first_row: int) -> None:
+        for name in table.column_names[:2]:  # path (or uri), label
+            text = pc.utf8_trim_whitespace(pc.cast(table.column(name), pa.string()))
+            blank = pc.fill_null(pc.equal(text, ""), True)
+            count = pc.sum(blank).as_py() or 0
+            if count:
+                seen = self.found.setdefault(name, [0, first_row + pc.index(blank, True).as_py() + 1])
+                seen[0] += count
+
+    def refuse(self, uri: str) -> None:
+        for name, (count, row) in sorted(self.found.items(), key=lambda item: item[0] == "label"):
+            raise ValueError(f"list file {uri}: {count} row(s) with a blank '{name}' (the first is data row "
+                             f"{row}); give every row a {name}")
+
+
 def _list_file(unit: ListingUnit) -> Listed:
     """A CSV or Parquet list, read in batches straight into the compact input table."""
     loc = Location(unit.uri)
     filesystem, path = loc.resolve()
     base = posixpath.dirname(loc.path)
-    parts, rejects = [], []
+    parts, blank, rows = [], _BlankCells(), 0
     try:
         for batch in _list_batches(filesystem, path, unit.uri):
-            table, rejected = _list_rows(batch, base, unit.uri)
-            parts.append(table)
-            rejects.append(rejected)
+            blank.count(batch, rows)
+            rows += batch.num_rows
+            if not blank.found:
+                parts.append(_list_rows(batch, base, unit.uri))
     except pa.ArrowInvalid as error:
         kind = "Parquet" if path.endswith(".parquet") else "CSV"
         raise ValueError(f"list file {unit.uri}: not a {kind} list of images ({_first_words(error)})") from None
-    if not parts:
-        return Listed(INPUTS_SCHEMA.empty_table(), _RejectBuilder().table())
-    inputs = pa.concat_tables(parts).unify_dictionaries()
-    return Listed(inputs, pa.concat_tables(rejects))
+    blank.refuse(unit.uri)
+    inputs = pa.concat_tables(parts).unify_dictionaries() if parts else INPUTS_SCHEMA.empty_table()
+    return Listed(inputs, _RejectBuilder().table())
 
 
 def _list_batches(filesystem: pafs.FileSystem, path: str, uri: str) -> Iterator[pa.Table]:
@@ -561,7 +583,7 @@ def _list_columns(names: list[str], uri: str) -> list[str]:
     return [path, "label"] + (["split"] if "split" in names else [])
 
 
-def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table]:
+def _list_rows(batch: pa.Table, base: str, uri: str) -> pa.Table:
     batch = batch.combine_chunks()
     paths = pc.cast(batch.column(0).chunk(0) if batch.num_rows else pa.array([], pa.string()), pa.string())
     labels = pc.cast(batch.column(1).chunk(0) if batch.num_rows else pa.array([], pa.string()), pa.string())
@@ -581,14 +603,8 @@ def _list_rows(batch: pa.Table, base: str, uri: str) -> tuple[pa.Table, pa.Table
     parent = pc.fill_null(parts.field("parent"), "")
     entry = pc.coalesce(parts.field("entry"), paths)
     unknown_size = pa.repeat(pa.scalar(-1, pa.int64()), count)
-    table = pa.table({"parent": parent, "entry": entry, "offset": unknown_size, "size": unknown_size,
-                      "class": labels, "split": splits})
-    rejected = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(labels), ""), True)
-    missing = pc.sum(rejected).as_py() or 0
-    rejects = pa.table({"source": pc.filter(paths, rejected),
-                        "reason": pa.repeat(pa.scalar(RejectReason.NO_LABEL.value), missing),
-                        "detail": pa.repeat(pa.scalar("the list gives no label"), missing)}, schema=REJECTS_SCHEMA)
-    return _encoded(table.filter(pc.invert(rejected)) if missing else table), rejects
+    return _encoded(pa.table({"parent": parent, "entry": entry, "offset": unknown_size, "size": unknown_size,
+                              "class": labels, "split": splits}))
 
 
 def _first_words(error: Exception, limit: int = 120) -> str:

@@ -66,7 +66,7 @@ REJECT_HINTS = {
     RejectReason.BELOW_MIN_PER_CLASS.value: "--min-per-class {min_per_class} sets the limit",
     RejectReason.STRAY_FILE.value: "check --src and --layout {layout}",
     RejectReason.EMPTY_CLASS.value: "check --src and --layout {layout}",
-    RejectReason.NO_LABEL.value: "check the list's label column or --label-field",
+    RejectReason.NO_LABEL.value: "check the shards' .cls members, or --label-field",
     RejectReason.DUPLICATE_INPUT.value: "the sources list these inputs more than once",
     RejectReason.UNSAFE_TAR_MEMBER.value: "these tars hold links, devices or paths outside the tar",
 }

@@ -22,7 +22,7 @@ from subspectral.schemas.reasons import RejectReason
 
 from .decode import DEFAULT_MAX_FILE_BYTES, RejectedInput
 from .storage import Location, is_remote
-from .walk import NOT_A_FILE, special_kind
+from .walk import special_kind
 
 COALESCE_GAP = 512 * 1024  # bytes between two members read through rather than paying another request
 MAX_RUN = 64 * 2**20  # bytes of one coalesced read
@@ -162,7 +162,7 @@ def _read_local_file(path: str, size_hint: int, max_bytes: int) -> bytes:
     """
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
-        raise RejectedInput(NOT_A_FILE, f"a {special_kind(info.st_mode)}: never opened")
+        raise RejectedInput(RejectReason.NOT_A_FILE, f"a {special_kind(info.st_mode)}: never opened")
     _check_size(info.st_size, max_bytes)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:

@@ -29,13 +29,6 @@ from dataclasses import dataclass
 
 from subspectral.schemas.reasons import RejectReason
 
-SYMLINK_LOOP = RejectReason.SYMLINK_LOOP
-OUTSIDE_SOURCE = RejectReason.OUTSIDE_SOURCE
-DANGLING_LINK = RejectReason.DANGLING_LINK
-NOT_A_FILE = RejectReason.NOT_A_FILE
-DUPLICATE_INPUT = RejectReason.DUPLICATE_INPUT
-UNREADABLE = RejectReason.UNREADABLE
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -99,7 +92,7 @@ class SourceTree:
             entry, ancestors = linked.pop(0)
             real = os.path.realpath(entry.path)
             if real in seen:
-                yield Entry(entry.path, reason=DUPLICATE_INPUT, detail=f"the same folder as {seen[real]}")
+                yield Entry(entry.path, reason=RejectReason.DUPLICATE_INPUT, detail=f"the same folder as {seen[real]}")
                 continue
             seen[real] = entry.path
             yield from self._walk(entry.path, real, (*ancestors, real), entry.target, seen, linked)
@@ -132,30 +125,34 @@ class SourceTree:
         try:
             info = dirent.stat(follow_symlinks=False)
         except OSError as error:
-            return Entry(path, reason=UNREADABLE, detail=error.strerror or str(error), target=target)
+            return Entry(path, reason=RejectReason.UNREADABLE, detail=error.strerror or str(error), target=target)
         if stat.S_ISDIR(info.st_mode):
             return Entry(path, is_dir=True, target=target)
         if stat.S_ISREG(info.st_mode):
             return Entry(path, size=info.st_size, target=target)
-        return Entry(path, reason=NOT_A_FILE, detail=f"a {special_kind(info.st_mode)}: never opened", target=target)
+        return Entry(path, reason=RejectReason.NOT_A_FILE,
+                     detail=f"a {special_kind(info.st_mode)}: never opened", target=target)
 
     def _link(self, path: str, real_parent: str, ancestors: tuple[str, ...]) -> Entry:
         try:
             info = os.stat(path)
         except FileNotFoundError:
-            return Entry(path, reason=DANGLING_LINK, detail=f"link to {os.readlink(path)}, which does not exist")
+            return Entry(path, reason=RejectReason.DANGLING_LINK,
+                         detail=f"link to {os.readlink(path)}, which does not exist")
         except OSError as error:
             if error.errno == errno.ELOOP:
-                return Entry(path, reason=SYMLINK_LOOP, detail="a chain of links that never ends")
-            return Entry(path, reason=UNREADABLE, detail=error.strerror or str(error))
+                return Entry(path, reason=RejectReason.SYMLINK_LOOP, detail="a chain of links that never ends")
+            return Entry(path, reason=RejectReason.UNREADABLE, detail=error.strerror or str(error))
         if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
-            return Entry(path, reason=NOT_A_FILE, detail=f"link to a {special_kind(info.st_mode)}: never opened")
+            return Entry(path, reason=RejectReason.NOT_A_FILE,
+                         detail=f"link to a {special_kind(info.st_mode)}: never opened")
         real = os.path.realpath(path)
         if not _inside(real, self.real_root):
-            return Entry(path, reason=OUTSIDE_SOURCE, detail=f"link to {real}, outside the source {self.root}")
+            return Entry(path, reason=RejectReason.OUTSIDE_SOURCE,
+                         detail=f"link to {real}, outside the source {self.root}")
         target = self.under_root(real)
         if stat.S_ISREG(info.st_mode):
             return Entry(path, size=info.st_size, target=target)
         if real in ancestors or _inside(real_parent, real):
-            return Entry(path, reason=SYMLINK_LOOP, detail=f"link to {target}, a folder it is in")
+            return Entry(path, reason=RejectReason.SYMLINK_LOOP, detail=f"link to {target}, a folder it is in")
         return Entry(path, is_dir=True, target=target)

@@ -75,6 +75,7 @@ def make_dataset(
         image_size=int(round(num_subs**0.5)) * size, sample_shape=(size, size, 3),
         sample_dtype=images.dtype.name, resize_mode="center-crop", transform="none", dct_scale=None, format="npy",
         quality=95, seed=0, shard_size=shard_size, val_per_class=0, min_per_class=0, min_side=1, max_pixels=1 << 30,
+        max_file_bytes=1 << 28,
         num_classes=num_classes, class_table_sha256=class_table_sha256(num_classes), sub_datasets=tuple(names),
         splits={
             "train": SplitSummary(0, 0),

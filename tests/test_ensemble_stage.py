@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ensemble_fixtures import make_dataset, make_run, write_shard
+from ensemble_fixtures import make_dataset, make_run, make_torch_run, write_shard
 from subspectral.train.ensemble import cli as ensemble_cli
 from subspectral.train.ensemble.members import FinishedRun, register_loader
 
@@ -186,7 +187,8 @@ def test_empty_val_split_is_one_clear_error(stage, capsys) -> None:
     card["splits"]["val"] = {**card["splits"]["val"], "shards": 0, "samples": 0}
     (data / "dataset.json").write_text(json.dumps(card))
     assert run_stage(data, runs) == 2
-    assert "val split is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no val split" in err[0] and "--val-per-class N" in err[0]
 
 
 def test_corrupt_checkpoint_is_one_clear_error(stage, capsys) -> None:
@@ -255,3 +257,46 @@ def test_baseline_must_come_from_a_split_1_dataset(stage, capsys) -> None:
     baseline = make_run(runs.parent / "other", card, 0, 50.0, backend="pixels", data=str(data))
     assert run_stage(data, runs, "--baseline", str(baseline)) == 2
     assert "with split 4, not 1" in capsys.readouterr().err
+
+
+class _Evil:
+    """Unpickling this runs a command: what a malicious checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("role", ["member", "baseline"])
+def test_a_malicious_checkpoint_is_refused_without_suggesting_the_unsafe_load(stage, baseline_run, tmp_path,
+                                                                            capsys, role) -> None:
+    data, runs, card = stage
+    marker = tmp_path / "evil-pickle-ran"
+    if role == "member":
+        path = make_torch_run(runs, card, 1, 80.0, data=str(data))
+        extra: list[str] = []
+    else:
+        split1 = json.loads((baseline_run / "run.json").read_text())["data"]
+        path = make_torch_run(tmp_path / "runs-torch1", json.loads((Path(split1) / "dataset.json").read_text()), 0,
+                              57.0, data=split1)
+        extra = ["--baseline", str(path)]
+    torch.save({"model": _Evil(marker), "meta": {}}, path / "final.pt")
+    assert run_stage(data, runs, "--members", "0,1,2", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ensemble-eval: error: ")
+    assert "final.pt is not a checkpoint written by cli.py train" in err[0] and "weights_only" not in err[0]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("label", [C + 38, -1])
+def test_a_val_label_outside_the_classes_is_one_clear_error(stage, capsys, label) -> None:
+    data, runs, card = stage
+    images = np.zeros((4, len(LABELS), 2, 2, 3), dtype=np.uint8)
+    make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    assert run_stage(data, runs, "--members", "0,1,2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ensemble-eval: error: val sample 'img_0005' has label {label}, outside the {C} classes of the "
+                   f"dataset card (0..{C - 1})"]
+    assert not list((runs / "ensemble").glob("predictions*"))

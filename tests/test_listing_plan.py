@@ -114,12 +114,16 @@ def test_list_file_with_relative_paths_and_given_splits(tmp_path):
         list_all(tmp_path / "bad.csv")
 
 
-def test_a_blank_label_is_a_reject_not_a_class(tmp_path):
-    (tmp_path / "list.csv").write_text("path,label\na.jpg,1\nb.jpg,\nc.jpg,2\n")
-    inputs, rejects = list_all(tmp_path / "list.csv")
-    assert sorted(inputs.column("class").to_pylist()) == ["1", "2"]
-    assert rejects.to_pylist() == [{"source": str(tmp_path / "b.jpg"), "reason": "no_label",
-                                    "detail": "the list gives no label"}]
+@pytest.mark.parametrize("rows, message", [
+    (["a.jpg,0", "b.jpg,", "c.jpg,1"], "1 row(s) with a blank 'label' (the first is data row 2)"),  # numeric labels
+    (["a.jpg,cat", "b.jpg, ", "c.jpg,dog"], "1 row(s) with a blank 'label' (the first is data row 2)"),  # text
+    (["a.jpg,cat", ",dog", ",dog"], "2 row(s) with a blank 'path' (the first is data row 2)"),
+])
+def test_list_file_with_a_blank_cell_is_refused_in_one_line(tmp_path, rows, message):
+    (tmp_path / "list.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
+        list_all(tmp_path / "list.csv")
+    assert "\n" not in str(raised.value)
 
 
 def test_train_val_folders_are_kept(tmp_path):

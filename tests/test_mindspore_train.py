@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("mindspore")
 
 from conftest import REPO, run_cli  # noqa: E402
+from damaged_data import one_sub_dataset, rewrite_members, undecodable_images  # noqa: E402
 
 # resnet18 with the imagenet stem (1/16 of the lowres FLOPs), 10 steps of 50 per epoch; SGD like the seed.
 RECIPE = ("--config", "sample", "--no-progress", "data.batch_size=50", "optimizer.name=sgd", "optimizer.lr=0.05",
@@ -154,3 +155,27 @@ def test_two_process_data_parallel_run_with_msrun(prepared_sample, tmp_path):
     line = json.loads((tmp_path / "sub-04" / "metrics.jsonl").read_text().splitlines()[0])
     # Each of the 2 ranks ran the 10 steps of 25 samples; the all-reduced counts cover the whole epoch.
     assert line["steps"] == 10 and line["train_images"] == 500 and line["val_samples"] == 100
+
+
+def test_the_shared_checks_refuse_what_the_torch_backend_refuses(prepared_sample, graph_run, tmp_path):
+    """Bad values, a resume with another recipe, unsupported keys, data with no usable sample, a NaN loss."""
+    data = str(prepared_sample)
+    _fails_with("data.batch_size must be >= 1, got -32", "--data", data, "--out", str(tmp_path), "data.batch_size=-32")
+    _fails_with("optimizer.lr must be a finite number", "--data", data, "--out", str(tmp_path), "optimizer.lr=nan")
+    _fails_with("train.accumulate_steps (gradient accumulation) is not supported by the mindspore backend",
+                "--data", data, "--out", str(tmp_path), "train.accumulate_steps=2")
+    resumable = tmp_path / "resumable"
+    shutil.copytree(graph_run, resumable / "sub-00")
+    (resumable / "sub-00" / "final.json").unlink()
+    again = _train(prepared_sample, resumable, 0, "schedule.epochs=2", "optimizer.lr=0.1", "--resume", check=False)
+    assert again.returncode == 2
+    assert "optimizer.lr is 0.05 in the checkpoint, 0.1 now" in again.stderr.strip().splitlines()[-1]
+
+    junk = one_sub_dataset(prepared_sample, tmp_path / "junk")
+    rewrite_members(junk / "sub-00" / "train-000000.tar", undecodable_images)
+    _fails_with("no usable sample in shard", "--data", str(junk), "--out", str(tmp_path / "r1"), "data.workers=2",
+                "schedule.epochs=1")
+    small = one_sub_dataset(prepared_sample, tmp_path / "small")
+    _fails_with("the training loss is nan at step 4: stopped before any checkpoint", "--data", str(small),
+                "--out", str(tmp_path / "r2"), "--no-progress", "schedule.epochs=1", "data.batch_size=32",
+                "optimizer.name=sgd", "optimizer.lr=1e30", "schedule.warmup_epochs=0", "schedule.min_lr=0")

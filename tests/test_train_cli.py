@@ -151,4 +151,5 @@ def test_bad_input_fails_with_one_clear_line(prepared_sample, short_run, tmp_pat
     broken = tmp_path / "broken"
     (broken / "sub-02").mkdir(parents=True)
     (broken / "sub-02" / "last.pt").write_bytes(b"not a checkpoint")
-    _fails_with("cannot read checkpoint", "--data", data, "--shard", "2", "--out", str(broken), "--resume")
+    _fails_with("last.pt is not a checkpoint written by cli.py train", "--data", data, "--shard", "2", "--out",
+                str(broken), "--resume")

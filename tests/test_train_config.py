@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe, recipe_from_dict
+from subspectral.train.config import (
+    LIST_RANGES,
+    RANGES,
+    ConfigError,
+    Recipe,
+    apply_overrides,
+    check_recipe,
+    list_recipes,
+    load_recipe,
+    recipe_from_dict,
+)
+from subspectral.train.epochs import resume_note
 
 SEED_RECIPES = ("imagenet1k", "imagenet21k-sub36", "imagenet21k-sub36-cosine", "resnet50-ebv", "resnext50", "sample")
 
@@ -70,3 +83,62 @@ def test_unknown_yaml_key_and_recipe_are_refused(tmp_path):
     path.write_text("model:\n  name: resnet34\nschedule:\n  epochs: 3\n")
     recipe = load_recipe(str(path))
     assert (recipe.name, recipe.model.name, recipe.schedule.epochs) == ("mine", "resnet34", 3)
+
+
+@pytest.mark.parametrize("override, message", [
+    # The values of issue 11 (items 8 and 13), then one per kind of range.
+    ("data.batch_size=-32", "data.batch_size must be >= 1, got -32"),
+    ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+    ("train.accumulate_steps=0", "train.accumulate_steps must be >= 1, got 0"),
+    ("train.val_every=0", "train.val_every must be >= 1, got 0"),
+    ("data.workers=-1", "data.workers must be >= 0, got -1"),
+    ("optimizer.lr=.nan", "optimizer.lr must be a finite number, got nan"),
+    ("optimizer.lr=nan", "optimizer.lr must be a finite number, got nan"),
+    ("optimizer.lr=-.inf", "optimizer.lr must be a finite number, got -inf"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
+    ("optimizer.momentum=1", "optimizer.momentum must be in [0, 1), got 1"),
+    ("schedule.gamma=0", "schedule.gamma must be in (0, 1], got 0"),
+    ("train.seed=-1", "train.seed must be in [0, 4294967296), got -1"),
+    ("model.ebv_dim=0", "model.ebv_dim must be >= 1, got 0"),
+    ("data.std=[0.5,0,0.5]", "data.std must be > 0, got 0"),
+    ("data.mean=[0.5,0.5]", "data.mean must hold 3 values (one per channel), got 2"),
+    ("schedule.min_lr=0.1", "schedule.min_lr=0.1 exceeds optimizer.lr=0.002"),
+])
+def test_values_out_of_range_are_refused_naming_the_key(override, message):
+    recipe = apply_overrides(load_recipe("sample"), [override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        check_recipe(recipe)
+
+
+def test_every_numeric_key_has_a_range_and_the_shipped_recipes_pass():
+    for section in dataclasses.fields(Recipe):
+        if section.name in ("name", "description"):
+            continue
+        for key in dataclasses.fields(section.default_factory()):
+            path = f"{section.name}.{key.name}"
+            kind = str(key.type)
+            if "list" in kind:
+                assert path in LIST_RANGES, path
+            elif ("int" in kind or "float" in kind) and "bool" not in kind:
+                assert path in RANGES, path
+    for name in list_recipes():
+        check_recipe(load_recipe(name))
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as the number it is.
+    assert apply_overrides(load_recipe("sample"), ["optimizer.lr=1e-3"]).optimizer.lr == 0.001
+
+
+def test_resume_accepts_only_a_longer_schedule():
+    saved = load_recipe("sample").to_dict()
+    same = load_recipe("sample")
+    assert resume_note(saved, same, trained_epochs=3) == ""
+    cadence = apply_overrides(load_recipe("sample"), ["train.val_every=4", "train.checkpoint_every=2"])
+    assert resume_note(saved, cadence, trained_epochs=3) == ""
+    longer = apply_overrides(load_recipe("sample"), ["schedule.epochs=12"])
+    assert resume_note(saved, longer, trained_epochs=3).startswith(
+        "# --resume extended schedule.epochs from 8 to 12 after epoch 3")
+    with pytest.raises(ConfigError, match="schedule.epochs may grow on resume, never shrink"):
+        resume_note(saved, apply_overrides(load_recipe("sample"), ["schedule.epochs=4"]), trained_epochs=3)
+    for override, key in (("optimizer.lr=0.01", "optimizer.lr"), ("optimizer.name=sgd", "optimizer.name"),
+                          ("data.batch_size=64", "data.batch_size"), ("model.head=ebv", "model.head")):
+        with pytest.raises(ConfigError, match=f"--resume with another recipe: {key} is"):
+            resume_note(saved, apply_overrides(load_recipe("sample"), [override]), trained_epochs=3)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from damaged_data import one_sub_dataset
 from subspectral.train.config import DataConfig
 from subspectral.train.data import make_loader
 from subspectral.train.prepared import read_card, shard_uris
@@ -173,3 +174,59 @@ def test_incomplete_dataset_and_bad_shard_are_refused(prepared_sample, tmp_path)
     (tmp_path / "dataset.json").write_text(json.dumps(card.to_json()))
     with pytest.raises(DataError, match="sub-dataset 0 is missing"):
         shard_uris(str(tmp_path), card, 0, "train")
+
+
+def _usable_head(tar: Path, cut: int) -> int:
+    """Samples whose .cls and image members lie wholly before byte ``cut`` (read with tarfile)."""
+    whole = {}
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            key, _, ext = member.name.partition(".")
+            whole.setdefault(key, set())
+            if member.offset_data + member.size <= cut:
+                whole[key].add(ext)
+    return sum({"cls", "jpg"} <= exts for exts in whole.values())
+
+
+def _eval_counts(data: Path, workers: int = 0) -> tuple[int, int]:
+    card = read_card(str(data))
+    stream = EvalStream(shard_uris(str(data), card, 0, "val"), card, batch_size=32, rank=0, world=1)
+    batches = list(make_loader(stream, workers, False))
+    return sum(len(b["labels"]) for b in batches), sum(int(b["skipped"]) for b in batches)
+
+
+@pytest.mark.parametrize("where", ["half", "member boundary"])
+def test_a_damaged_shard_gives_its_readable_head_and_counts_the_rest(prepared_sample, tmp_path, where):
+    data = one_sub_dataset(prepared_sample, tmp_path / "data")
+    val = data / "sub-00" / "val-000000.tar"
+    original = val.read_bytes()
+    with tarfile.open(val) as archive:
+        members = list(archive)
+    # "half": mid-member; "member boundary": after the 60th sample, the end-of-archive blocks cut away.
+    cut = len(original) // 2 if where == "half" else members[3 * 60].offset
+    head = _usable_head(val, cut)
+    val.write_bytes(original[:cut])
+    assert 0 < head < 100
+    decoded, skipped = _eval_counts(data)
+    assert (decoded, skipped) == (head, 100 - head)  # the stats file says the shard held 100
+
+
+def test_a_damaged_shard_without_its_stats_file_counts_one_lost_sample(prepared_sample, tmp_path):
+    data = one_sub_dataset(prepared_sample, tmp_path / "data")
+    shutil.rmtree(data / "stats")
+    val = data / "sub-00" / "val-000000.tar"
+    val.write_bytes(val.read_bytes()[: val.stat().st_size // 2])
+    decoded, skipped = _eval_counts(data)
+    assert decoded > 0 and skipped == 1
+
+
+@pytest.mark.parametrize("label, workers", [(b"42", 0), (b"-1", 2)])
+def test_a_label_outside_the_class_table_is_one_line_error(prepared_sample, tmp_path, label, workers):
+    data = one_sub_dataset(prepared_sample, tmp_path / "data")
+    val = data / "sub-00" / "val-000000.tar"
+    members = _members(val)
+    members[3 * 40] = (members[3 * 40][0], label)  # sample 40's .cls
+    _write_tar(val, members)
+    with pytest.raises(DataError, match=f"has label {int(label)}, outside the 10 classes") as raised:
+        _eval_counts(data, workers)
+    assert "\n" not in str(raised.value)  # raised in a loader worker too, it is the stream's one line

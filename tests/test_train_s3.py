@@ -120,3 +120,28 @@ def test_missing_or_unreachable_s3_dataset_is_one_line(s3_data, s3_env, tmp_path
     assert lines["unreachable"].startswith(f"cli.py train: error: cannot read {s3_data}: ")
     assert "connect" in lines["unreachable"].lower()
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_val_shard_on_s3_counts_the_samples_lost(prepared_sample, s3_endpoint, monkeypatch):
+    """The shard's stats file is found beside the dataset on the store too (the URI keeps its query)."""
+    from subspectral.train.data import make_loader
+    from subspectral.train.prepared import read_card, shard_uris
+    from subspectral.train.stream import EvalStream
+
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket="damaged")
+    val = prepared_sample / "sub-00" / "val-000000.tar"
+    cut = val.stat().st_size // 2
+    with tarfile.open(val) as archive:
+        head = sum(m.name.endswith(".jpg") and m.offset_data + m.size <= cut for m in archive)
+    client.put_object(Bucket="damaged", Key="d/sub-00/val-000000.tar", Body=val.read_bytes()[:cut])
+    for name in ("dataset.json", "stats/val-000000.json"):
+        client.upload_file(str(prepared_sample / name), "damaged", f"d/{name}")
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    host = s3_endpoint.split("://", 1)[1]
+    data = f"s3://damaged/d?endpoint_override={host}&scheme=http"
+    card = read_card(data)
+    stream = EvalStream(shard_uris(data, card, 0, "val"), card, batch_size=32, rank=0, world=1)
+    batches = list(make_loader(stream, 0, False))
+    assert (sum(len(b["labels"]) for b in batches), sum(int(b["skipped"]) for b in batches)) == (head, 100 - head)

@@ -9,6 +9,7 @@ final.safetensors is for any other tool: the torchvision network's own state dic
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Load ``path`` (weights_only) and refuse it unless it was made for the same member, data and model."""
+# What ``MemberTrainer._checkpoint`` writes into last.pt / best.pt, and what final.pt holds.
+RESUME_FIELDS = ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "best_top1", "rng", "meta", "config")
+FINAL_FIELDS = ("model", "meta")
+
+
+def read_checkpoint(path: Path, fields: tuple[str, ...]) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: a dict with ``fields``, or a CheckpointError in one line.
+
+    A file that needs more than tensors and plain values is refused as not ours; torch's own message
+    would suggest loading it with weights_only=False, which runs whatever code the file names.
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling or I/O failure means the same thing to the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
-    theirs = checkpoint.get("meta", {})
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} is not a checkpoint written by cli.py train (it holds more than tensors "
+                              "and plain values): refused, not loaded") from exc
+    except Exception as exc:  # truncated or not a torch file at all (zip, I/O errors): the same to the user
+        reason = " ".join((str(exc).splitlines() or [type(exc).__name__])[0].split())
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or unusable checkpoint ({reason})") from exc
+    missing = [name for name in fields if not isinstance(checkpoint, dict) or name not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this tool's "
+                              "trainer, or one of an older version")
+    return checkpoint
+
+
+def load_checkpoint(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Load ``path`` (weights_only) and refuse it unless it was made for the same member, data and model."""
+    checkpoint = read_checkpoint(path, RESUME_FIELDS)
+    theirs = checkpoint["meta"] if isinstance(checkpoint["meta"], dict) else {}
     for field in IDENTITY_FIELDS:
         if theirs.get(field) != meta.get(field):
             raise CheckpointError(f"checkpoint {path} is for a different run: {field} is "
@@ -93,14 +117,18 @@ def load_trained_model(run_dir: str | Path, weights: str = "final") -> tuple[nn.
     path = run_dir / f"{weights}.pt"
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (is the member finished?)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, FINAL_FIELDS)
     meta = checkpoint["meta"]
     try:
         record = RunRecord.from_json(meta, f"{path}'s run record")
     except ContractError as exc:
         raise CheckpointError(str(exc)) from exc
-    model = model_from_run(record.model, record.num_classes)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = model_from_run(record.model, record.num_classes)
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = " ".join((str(exc).splitlines() or [type(exc).__name__])[0].split())
+        raise CheckpointError(f"{path} does not hold the model its meta describes ({reason})") from exc
     verify_basis(run_dir, model)
     return model.eval(), meta
 

@@ -68,7 +68,7 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from subspectral.train.config import ConfigError, apply_overrides, list_recipes, load_recipe
+    from subspectral.train.config import ConfigError, apply_overrides, check_recipe, list_recipes, load_recipe
     from subspectral.train.run import CheckpointError
     from subspectral.train.storage import DataError
 
@@ -86,12 +86,26 @@ def run(args: argparse.Namespace) -> int:
         recipe = apply_overrides(load_recipe(args.config), args.overrides)
         if args.epochs is not None:
             apply_overrides(recipe, [f"schedule.epochs={args.epochs}"])
+        check_recipe(recipe)
         train_members = backend(args.backend)
         done = train_members(options, recipe, args.shard)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     if done.main:
         for shard, final in done.results.items():
-            print(f"sub-{shard:02d}: top1 {final['top1']:.2f}%  top5 {final['top5']:.2f}%  "
-                  f"({final['val_samples']} val samples, {final['epochs']} epochs{done.label})")
+            print(f"sub-{shard:02d}: {summary(final, done.label)}")
     return 0
+
+
+def summary(final: dict, label: str) -> str:
+    """A member's result line from its final.json content (older final.json files lack the skip counts)."""
+    if final.get("validated", True):
+        line = (f"top1 {final['top1']:.2f}%  top5 {final['top5']:.2f}%  "
+                f"({final['val_samples']} val samples, {final['epochs']} epochs{label})")
+    else:
+        line = f"trained {final['epochs']} epochs without validation (the dataset has no val split){label}"
+    if final.get("val_skipped"):
+        line += f"; {final['val_skipped']} val samples skipped as unreadable"
+    if final.get("train_skipped"):
+        line += f"; {final['train_skipped']} train samples skipped in the last epoch"
+    return line

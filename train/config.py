@@ -2,12 +2,16 @@
 
 A recipe is a YAML file with the sections below; every key has a default here, a recipe sets
 only what differs, and ``section.key=value`` overrides from the command line win. Unknown
-sections or keys are refused, so a typo never silently trains with a default.
+sections or keys are refused, so a typo never silently trains with a default. ``check_recipe``
+then checks the resolved recipe's values against ``RANGES`` (every numeric key has one) before
+anything is built, whichever backend trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -113,6 +117,57 @@ CHOICES = {
 # Keys that take true, false or one of these words.
 SWITCHES = {"train.amp": ("auto",)}
 
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; ``None`` is unbounded, ``open_*`` excludes the end."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.open_high and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {_number(self.low)}"
+        return (f"in {'(' if self.open_low else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.open_high else ']'}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+_POSITIVE = Range(0, open_low=True)
+_NON_NEGATIVE = Range(0)
+_AT_LEAST_ONE = Range(1)
+_FRACTION = Range(0, 1)
+_BELOW_ONE = Range(0, 1, open_high=True)
+_SEED = Range(0, 2**32, open_high=True)
+
+# The allowed values of every numeric key (a test checks none is missing). Floats must also be finite.
+RANGES: dict[str, Range] = {
+    "model.ebv_dim": _AT_LEAST_ONE, "model.ebv_tau": _POSITIVE, "model.ebv_seed": _SEED,
+    "model.ebv_threshold": _FRACTION, "model.ebv_steps": _AT_LEAST_ONE,
+    "data.batch_size": _AT_LEAST_ONE, "data.workers": _NON_NEGATIVE, "data.shuffle_buffer": _NON_NEGATIVE,
+    "data.crop_padding": _NON_NEGATIVE, "data.resized_scale": Range(0, 1, open_low=True),
+    "optimizer.lr": _POSITIVE, "optimizer.momentum": _BELOW_ONE, "optimizer.weight_decay": _NON_NEGATIVE,
+    "schedule.epochs": _AT_LEAST_ONE, "schedule.warmup_epochs": _NON_NEGATIVE,
+    "schedule.warmup_start_factor": _FRACTION, "schedule.min_lr": _NON_NEGATIVE,
+    "schedule.step_epochs": _AT_LEAST_ONE, "schedule.gamma": Range(0, 1, open_low=True),
+    "train.label_smoothing": _BELOW_ONE, "train.mixup_alpha": _NON_NEGATIVE, "train.cutmix_alpha": _NON_NEGATIVE,
+    "train.mix_prob": _FRACTION, "train.ema_decay": _BELOW_ONE, "train.grad_clip": _NON_NEGATIVE,
+    "train.accumulate_steps": _AT_LEAST_ONE, "train.seed": _SEED, "train.val_every": _AT_LEAST_ONE,
+    "train.checkpoint_every": _AT_LEAST_ONE,
+}
+# List keys: (length, range of each element). Samples are always H x W x 3.
+LIST_RANGES: dict[str, tuple[int, Range]] = {"data.mean": (3, Range()), "data.std": (3, _POSITIVE)}
+
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")}
 
 
@@ -148,6 +203,9 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
             raise ConfigError(f"{path} must be true or false, got {value!r}")
         return value
     if "float" in annotation:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)
@@ -219,6 +277,40 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not a YAML scalar") from exc
         _apply(recipe, path.strip(), value)
+    return recipe
+
+
+def _check_number(path: str, value: float, allowed: Range | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be a finite number, got {value}")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{path} must be {allowed}, got {_number(value)}")
+
+
+def _check_value(path: str, value: Any) -> None:
+    if path in LIST_RANGES:
+        length, each = LIST_RANGES[path]
+        if len(value) != length:
+            raise ConfigError(f"{path} must hold {length} values (one per channel), got {len(value)}")
+        for item in value:
+            _check_number(path, item, each)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_number(path, value, RANGES.get(path))
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """Refuse (ConfigError, one line naming the key) a value out of its range; the recipe otherwise.
+
+    Called on the resolved recipe (YAML, then overrides), so a later override can fix a recipe's value.
+    """
+    for section_name in _SECTIONS:
+        section = getattr(recipe, section_name)
+        for item in dataclasses.fields(section):
+            _check_value(f"{section_name}.{item.name}", getattr(section, item.name))
+    schedule = recipe.schedule
+    if schedule.name == "cosine" and schedule.min_lr > recipe.optimizer.lr:
+        raise ConfigError(f"schedule.min_lr={schedule.min_lr:g} exceeds optimizer.lr={recipe.optimizer.lr:g}: "
+                          "the cosine schedule would raise the learning rate")
     return recipe
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from subspectral.schemas import DatasetCard
-from subspectral.train.config import ConfigError, Recipe, dump_yaml
+from subspectral.train.config import ConfigError, Recipe, check_recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
-from subspectral.train.run import CheckpointError, same_file_as, write_json, write_text
+from subspectral.train.run import (
+    LAST_CHECKPOINT,
+    CheckpointError,
+    Diverged,
+    same_file_as,
+    write_json,
+    write_text,
+)
 from subspectral.train.storage import DataError
 
 _log = logging.getLogger(__name__)
@@ -36,13 +44,14 @@ class EpochPlan:
     world: int
     progress: bool
     label: str = ""  # after the member in summary lines, e.g. "mindspore"
+    validates: bool = True  # False: the dataset has no val split (no validation; best = last)
 
     @classmethod
     def of(cls, recipe: Recipe, *, shard: int, batches_per_epoch: int, main: bool, world: int, progress: bool,
-           label: str = "") -> EpochPlan:
+           label: str = "", validates: bool = True) -> EpochPlan:
         return cls(shard=shard, epochs=recipe.schedule.epochs, batches_per_epoch=batches_per_epoch,
                    val_every=recipe.train.val_every, checkpoint_every=recipe.train.checkpoint_every, main=main,
-                   world=world, progress=progress, label=label)
+                   world=world, progress=progress, label=label, validates=validates)
 
 
 def batches_per_epoch(card: DatasetCard, batch: int, world: int) -> int:
@@ -57,6 +66,36 @@ def batches_per_epoch(card: DatasetCard, batch: int, world: int) -> int:
 
 
 METRICS_FILE = "metrics.jsonl"
+# Keys that may differ between a checkpoint's recipe and the run resuming it: they decide when the run
+# validates and checkpoints, never what it trains. schedule.epochs may grow (see resume_note).
+RESUME_FREE = {"train.val_every", "train.checkpoint_every"}
+
+
+def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, body in recipe.items() if isinstance(body, dict)
+            for key, value in body.items()}
+
+
+def resume_note(saved: dict[str, Any], recipe: Recipe, trained_epochs: int) -> str:
+    """Refuse to resume a checkpoint with another recipe, except a longer schedule.epochs; a note when it grew.
+
+    The note goes at the top of config.yaml, so the file says which epochs ran under the shorter schedule.
+    """
+    then, now = _flat(saved), _flat(recipe.to_dict())
+    for key in sorted(then.keys() | now.keys()):
+        if key in RESUME_FREE or key == "schedule.epochs" or then.get(key) == now.get(key):
+            continue
+        raise ConfigError(f"--resume with another recipe: {key} is {then.get(key)!r} in the checkpoint, "
+                          f"{now.get(key)!r} now; only schedule.epochs may grow on resume (train with other "
+                          "values into another --out)")
+    before, after = int(then["schedule.epochs"]), recipe.schedule.epochs
+    if after < before:
+        raise ConfigError(f"--resume with schedule.epochs={after}: the checkpoint's run has {before} epochs; "
+                          "schedule.epochs may grow on resume, never shrink")
+    if after == before:
+        return ""
+    return (f"# --resume extended schedule.epochs from {before} to {after} after epoch {trained_epochs}: epochs "
+            f"1-{trained_epochs} followed the {before}-epoch schedule, the rest the {after}-epoch one\n")
 
 
 def truncate_metrics(run_dir: Path, kept_epochs: int) -> None:
@@ -86,8 +125,13 @@ class EpochLog:
                 self.writer.add_scalar(key, value, line["epoch"])
         self.writer.flush()
         summary = f"epoch {line['epoch']}: loss {line['train_loss']:.4f}  {line['images_per_s']:.0f} img/s"
+        if line.get("skipped"):
+            summary += f"  ({line['skipped']} train samples skipped)"
         if "top1" in line:
             summary += f"  val top1 {line['top1']:.2f}%  top5 {line['top5']:.2f}%"
+            if line["val_skipped"]:
+                total = line["val_samples"] + line["val_skipped"]
+                summary += f"  ({line['val_skipped']} of {total} val samples skipped)"
         _log.info(f"[{self.prefix}] {summary}")
 
     def close(self) -> None:
@@ -99,9 +143,13 @@ class MemberTraining(ABC):
 
     run_dir: Path
     recipe: Recipe
+    card: DatasetCard
     meta: dict[str, Any]  # run.json
     state: str  # "fresh" | "resume" | "done" (final.json exists)
     resume_from: Any  # the checkpoint to resume from, loaded and checked; None for a new run
+    resume_recipe: dict[str, Any] | None  # the recipe the checkpoint was trained with (Recipe.to_dict())
+    resume_epochs: int  # epochs the checkpoint has trained
+    config_note: str = ""  # comment lines at the top of config.yaml (a resume that extended the schedule)
 
     @abstractmethod
     def plan(self) -> EpochPlan: ...
@@ -125,7 +173,10 @@ class MemberTraining(ABC):
     def write_run_files(self, start_epoch: int) -> None:
         """config.yaml, run.json, the EBV basis; on resume, metrics.jsonl cut back to the checkpoint."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(self.run_dir / "config.yaml", dump_yaml(self.recipe))
+        config = self.run_dir / "config.yaml"
+        earlier = [line + "\n" for line in config.read_text().splitlines() if line.startswith("# --resume")] \
+            if self.state == "resume" and config.exists() else []
+        write_text(config, "".join(earlier) + self.config_note + dump_yaml(self.recipe))
         write_json(self.run_dir / "run.json", self.meta)
         if self.state == "resume":
             self.verify_basis()
@@ -158,23 +209,29 @@ class MemberTraining(ABC):
         """A barrier across ranks (a no-op where the backend's collectives already line ranks up)."""
 
     @classmethod
-    def checked_run(cls, *args: Any) -> dict[str, Any]:
+    def checked_run(cls, job: Any, recipe: Recipe, *args: Any) -> dict[str, Any]:
         """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
+        check_recipe(recipe)
         try:
-            trainer = cls(*args)
+            trainer = cls(job, recipe, *args)
         except (DataError, CheckpointError) as exc:
             raise ConfigError(str(exc)) from exc
+        if trainer.resume_from is not None:
+            trainer.config_note = resume_note(trainer.resume_recipe or {}, recipe, trainer.resume_epochs)
         return trainer.run()
 
     def run(self) -> dict[str, Any]:
         if self.state == "done":
             return json.loads((self.run_dir / "final.json").read_text())
+        plan = self.plan()
+        if plan.main and not plan.validates:
+            _log.warning(f"cli.py train: warning: {self.meta['data']} has no val split (prepare it with "
+                         f"--val-per-class N for one): sub-{plan.shard:02d} trains without validation, best = last")
         self.build()
         start_epoch, best_top1 = 0, -1.0
         if self.resume_from is not None:
             start_epoch, best_top1 = self.restore(self.resume_from)
             self.resume_from = None
-        plan = self.plan()
         if plan.main:
             self.write_run_files(start_epoch)
         self.wait_for_ranks()
@@ -185,23 +242,56 @@ class MemberTraining(ABC):
         self.wait_for_ranks()
         return final
 
+    def _validate(self) -> dict[str, Any]:
+        """``validate()``, with every val sample of the card that was not evaluated counted as skipped.
+
+        The count comes from the card, so samples lost in a damaged shard are counted whatever the stream
+        could tell; a validation that evaluated nothing is refused rather than reported as 0 %.
+        """
+        result = self.validate()
+        expected = self.card.splits["val"].samples
+        if result["val_samples"] == 0:
+            raise DataError(f"sub-{self.meta['shard']:02d}: no usable val sample in {self.meta['data']} "
+                            f"({expected} in the card): every val shard is damaged or unreadable")
+        return {**result, "val_skipped": max(expected - result["val_samples"], result["val_skipped"])}
+
+    def _train_epoch(self, epoch: int, plan: EpochPlan, saved: int) -> dict[str, Any]:
+        """One epoch with its progress bar; a non-finite loss stops the run, naming the checkpoint kept
+        (``saved``: the epochs it holds)."""
+        bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
+                            enabled=plan.main and plan.progress, world=plan.world)
+        try:
+            line = self.train_epoch(epoch, bar)
+            if not math.isfinite(line["train_loss"]):
+                raise Diverged(f"sub-{plan.shard:02d} epoch {epoch + 1}: the training loss is {line['train_loss']}")
+        except Diverged as exc:
+            advice = "lower optimizer.lr or set train.grad_clip"
+            if saved:  # a resume must keep the recipe, so other values need another run folder
+                advice = (f"stopped, {LAST_CHECKPOINT[self.meta['backend']]} of epoch {saved} kept; {advice} "
+                          "and train into another --out")
+            else:
+                advice = f"stopped before any checkpoint; {advice}"
+            raise Diverged(f"{exc}: {advice}") from exc
+        finally:
+            bar.close()
+        return line
+
     def _epochs(self, plan: EpochPlan, start_epoch: int, best_top1: float) -> dict[str, Any]:
         """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
 
         ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
-        ``last`` checkpoint saved in the same epoch.
+        ``last`` checkpoint saved in the same epoch. Without a val split, best is linked to every last.
         """
         prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
         log = EpochLog(self.run_dir, prefix) if plan.main else None
         last_eval: dict[str, Any] = {}
+        skipped, saved = 0, start_epoch
         started = time.perf_counter()
         for epoch in range(start_epoch, plan.epochs):
-            bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
-                                enabled=plan.main and plan.progress, world=plan.world)
-            line: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
-            bar.close()
-            if (epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs:
-                last_eval = self.validate()
+            line: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(epoch, plan, saved)}
+            skipped = line["skipped"]
+            if plan.validates and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs):
+                last_eval = self._validate()
                 line.update(last_eval)
             if log is not None:
                 log.write(line)
@@ -209,13 +299,16 @@ class MemberTraining(ABC):
                 best_top1 = max(best_top1, line.get("top1", best_top1))
                 if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
                     last = self.save_last(epoch, best_top1)
-                    if improved:
+                    saved = epoch + 1
+                    if improved or not plan.validates:
                         same_file_as(last, last.with_name("best" + last.suffix))
             self.wait_for_ranks()
-        if not last_eval:  # resumed after the last epoch had finished but before final.json
-            last_eval = self.validate()
+        if plan.validates and not last_eval:  # resumed after the last epoch had finished but before final.json
+            last_eval = self._validate()
         if log is not None:
             log.close()
-        return {"top1": last_eval["top1"], "top5": last_eval["top5"], "val_loss": last_eval["val_loss"],
-                "val_samples": last_eval["val_samples"], "epochs": plan.epochs, "best_top1": best_top1,
+        measured = {"top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
+                    "val_loss": last_eval.get("val_loss"), "val_samples": last_eval.get("val_samples", 0),
+                    "val_skipped": last_eval.get("val_skipped", 0), "best_top1": best_top1 if plan.validates else None}
+        return {**measured, "validated": plan.validates, "train_skipped": skipped, "epochs": plan.epochs,
                 "train_seconds": time.perf_counter() - started}

@@ -35,10 +35,15 @@ def _check_member(card: DatasetCard, member: int) -> None:
                         f"(0..{card.split - 1})")
 
 
+def has_split(card: DatasetCard, split: str) -> bool:
+    """Whether the dataset holds samples of ``split`` (a dataset prepared with --val-per-class 0 has no val)."""
+    return split in card.splits and card.splits[split].shards > 0
+
+
 def shard_uris(data_uri: str, card: DatasetCard, member: int, split: str) -> list[str]:
     """URIs of sub-dataset ``member``'s shards of ``split``, in order; the first must exist."""
     _check_member(card, member)
-    if card.splits[split].shards == 0:
+    if not has_split(card, split):
         raise DataError(f"the dataset has no {split!r} samples (prepare it with --val-per-class N for a val split)")
     uris = [join(data_uri, path) for path in card.shard_paths(split, member)]
     if not exists(uris[0]):

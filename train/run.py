@@ -30,6 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint that does not belong to this run; the message is one line for the user."""
 
 
+class Diverged(ValueError):
+    """The training loss became NaN or infinite; the message is one line for the user."""
+
+
 @dataclass(frozen=True)
 class MemberJob:
     """Which member to train, from which data, into which runs folder."""

@@ -2,8 +2,10 @@
 
 Shards written by ``cli.py prepare`` are plain ustar; those headers are parsed directly (about
 2 us per member, against ~30 us through webdataset's ``tarfile``-based iterator). Any other header
-type (pax, GNU long names) sends the whole shard through webdataset's ``tar_file_iterator``, so
-every tar webdataset reads still reads, with webdataset's rules for keys.
+type (pax, GNU long names) sends the rest of the shard through webdataset's ``tar_file_iterator``,
+so every tar webdataset reads still reads, with webdataset's rules for keys. Members come out as
+they are parsed: a shard cut short or damaged gives every sample before the damage, then raises
+``CorruptShard``.
 """
 
 from __future__ import annotations
@@ -33,19 +35,24 @@ class CorruptShard(ValueError):
     pass
 
 
-def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
-    """Members of a plain ustar archive, or None when a header needs ``tarfile``."""
-    members = []
+def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
+    """Members of a tar archive, yielded as they are parsed, so a damaged shard gives its readable head.
+
+    Plain ustar headers are parsed here; from the first other header on (pax, GNU long names) the
+    rest of the archive goes through webdataset's iterator. A header or member cut short raises
+    ``CorruptShard`` when it is reached.
+    """
     view = memoryview(buffer)
     offset = 0
     end = len(buffer)
     while offset + _BLOCK <= end:
         header = buffer[offset:offset + _BLOCK]
         if header[0] == 0:
-            break
+            return
         typeflag = header[156:157]
         if typeflag not in (b"0", b"\0", b"5") or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
-            return None
+            yield from _webdataset_members(buffer[offset:])
+            return
         try:
             size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         except ValueError as exc:
@@ -58,9 +65,10 @@ def _ustar_members(buffer: bytes) -> Iterator[tuple[str, bytes]] | None:
         if start + size > end:
             raise CorruptShard(f"tar member {name!r} is truncated")
         if typeflag != b"5":
-            members.append((name, bytes(view[start:start + size])))
+            yield name, bytes(view[start:start + size])
         offset = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-    return iter(members)
+    # No end-of-archive block: the shard was cut, maybe right at a member boundary.
+    raise CorruptShard(f"the archive ends at byte {end} without its end-of-archive block: truncated")
 
 
 def _webdataset_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
@@ -72,8 +80,7 @@ def _webdataset_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
 
 
 def tar_members(buffer: bytes) -> Iterator[tuple[str, bytes]]:
-    members = _ustar_members(buffer)
-    return members if members is not None else _webdataset_members(buffer)
+    return _ustar_members(buffer)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -87,13 +94,18 @@ def iter_samples(buffer: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group adjacent members with the same key into ``(key, {ext: bytes})``."""
     key = None
     parts: dict[str, bytes] = {}
-    for name, data in tar_members(buffer):
-        member_key, ext = _split_name(name)
-        if member_key != key:
-            if key is not None:
-                yield key, parts
-            key, parts = member_key, {}
-        parts[ext] = data
+    try:
+        for name, data in tar_members(buffer):
+            member_key, ext = _split_name(name)
+            if member_key != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = member_key, {}
+            parts[ext] = data
+    except CorruptShard:
+        if key is not None:  # its members before the damage are whole: the sample may still be usable
+            yield key, parts
+        raise
     if key is not None:
         yield key, parts
 

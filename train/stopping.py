@@ -8,6 +8,8 @@ end. So the request is also recorded here, and the training loops call ``check()
 
 from __future__ import annotations
 
+import signal
+
 _requested: str | None = None
 
 
@@ -20,3 +22,15 @@ def check() -> None:
     """Raise ``SystemExit`` if a stop was requested (a no-op otherwise: one global read)."""
     if _requested is not None:
         raise SystemExit(_requested)
+
+
+def leave_signals_to_parent(_worker: int = 0) -> None:
+    """In a data-loading worker process: ignore SIGTERM and SIGINT, which the training process handles.
+
+    A batch scheduler's SIGTERM or a Ctrl-C reaches the whole process group. A worker killed by it makes
+    torch's DataLoader raise "worker killed by signal" in the trainer, in the middle of its own clean
+    stop (a traceback instead of the one line); ignored, the workers are stopped by the DataLoader as
+    the trainer unwinds.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

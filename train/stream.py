@@ -18,13 +18,24 @@ batches per epoch: a slot cycles over its pieces until its quota of batches is f
 less data wraps around, one with more leaves the rest to later epochs), so ranks never wait on each
 other and never drop a partial batch silently. All randomness derives from (seed, epoch, slot):
 an epoch's batches are the same whether the run was resumed or not.
+
+Error policy, the same for every stream (as webdataset's ``handler``, decided here once):
+damaged bytes are skipped and counted (``StreamStats.skipped``, reported per batch): a sample
+whose image does not decode or whose ``.cls`` is missing or not an integer, and the samples lost
+at the end of a shard that is cut short or damaged (the samples before the damage are used; the
+number lost comes from the shard's ``stats/`` file, or counts as one when that is unreadable).
+Anything that means the data is not what the card says is refused with a ``DataError``: a label
+outside ``0 .. num_classes - 1`` (at the first such sample), and a training slot that has read
+every one of its samples without a usable one (instead of cycling forever).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import posixpath
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,7 +45,7 @@ import webdataset as wds
 from subspectral.schemas import DatasetCard
 from subspectral.train.config import DataConfig
 from subspectral.train.shards import CorruptShard, decode_into, iter_samples, to_sample
-from subspectral.train.storage import DataError, read_bytes
+from subspectral.train.storage import DataError, is_remote, join, read_bytes, read_json
 
 
 @dataclass(frozen=True)
@@ -50,12 +61,28 @@ def pieces_for_slot(num_shards: int, slot: int, num_slots: int) -> list[Piece]:
     return pieces[slot::num_slots]
 
 
+@functools.lru_cache(maxsize=1024)
+def shard_sample_count(tar_uri: str) -> int | None:
+    """How many samples shard ``ROOT/sub-KK/SPLIT-J.tar`` holds, from ``ROOT/stats/SPLIT-J.json``; None if unknown.
+
+    Read only when a shard turns out damaged, to count the samples lost after the damage.
+    """
+    base, sep, query = tar_uri.partition("?") if is_remote(tar_uri) else (tar_uri, "", "")
+    folder, name = posixpath.split(base)
+    stats_uri = join(posixpath.dirname(folder) + sep + query, "stats", name.removesuffix(".tar") + ".json")
+    try:
+        return int(read_json(stats_uri)["samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class StreamStats:
-    """Shared by the stages of one stream: samples read, and samples dropped as unreadable."""
+    """Shared by the stages of one stream: samples read, dropped as unusable, and in one cycle of the pieces."""
 
     read: int = 0
     skipped: int = 0
+    cycle: int = 0  # samples in one whole pass over the stream's pieces; 0 until the first pass ends
 
 
 # Pipeline stages, webdataset style: a source, then functions of the previous stage's iterator.
@@ -72,8 +99,17 @@ def piece_source(uris: list[str], pieces: list[Piece], *, stats: StreamStats, rn
             yield {"url": uris[piece.shard], "piece": piece}
         if not forever:
             return
-        if stats.read == read_before:
-            raise DataError(f"no readable sample in shards {sorted({uris[p.shard] for p in pieces})}")
+        stats.cycle = stats.read - read_before
+        if stats.cycle == 0:
+            shards = _shard_list(uris[p.shard] for p in pieces)
+            raise DataError(f"no readable sample in {shards}: every shard is damaged")
+
+
+def _shard_list(urls: Iterable[str]) -> str:
+    """Shards for a message: the first three and how many more."""
+    names = sorted(set(urls))
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"shard{'s' if len(names) > 1 else ''} {', '.join(names[:3])}{more}"
 
 
 def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> Iterator[dict[str, Any]]:
@@ -84,35 +120,50 @@ def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> I
             buffer = read_bytes(url)
         except OSError as exc:
             raise DataError(f"cannot read {url}: {exc}") from exc
+        read = 0
         try:
             for index, (key, sample) in enumerate(iter_samples(buffer)):
                 if index % piece.parts == piece.part:
                     sample["__key__"], sample["__url__"] = key, url
                     stats.read += 1
+                    read += 1
                     yield sample
         except CorruptShard:
-            # The readable head of a damaged shard is kept; the rest cannot be counted, one is recorded.
-            stats.skipped += 1
+            # The readable head of a damaged shard is used; what follows the damage is counted as skipped.
+            total = shard_sample_count(url)
+            stats.skipped += 1 if total is None else max(len(range(piece.part, total, piece.parts)) - read, 0)
 
 
 def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int, int], dtype: np.dtype,
-                    batch_size: int, max_batches: int | None, drop_last: bool,
+                    num_classes: int, batch_size: int, max_batches: int | None, drop_last: bool,
                     stats: StreamStats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Decode into batch buffers: ``(images N x H x W x C, labels, samples skipped since the last batch)``."""
     made = reported = 0
+    # Samples that failed since the last usable one: once they are every sample of a whole pass over
+    # the pieces, no sample of this stream is usable (decoding the same bytes gives the same result).
+    failing: set[tuple[str, str]] = set()
     while max_batches is None or made < max_batches:
         images = np.empty((batch_size, *shape), dtype)
         labels = np.empty(batch_size, np.int64)
         filled = 0
         for parts in samples:
             sample = to_sample(parts["__key__"], parts)
+            if sample is not None and not 0 <= sample.label < num_classes:
+                raise DataError(f"{parts['__url__']}: sample {sample.key!r} has label {sample.label}, outside the "
+                                f"{num_classes} classes of the dataset card (0..{num_classes - 1})")
             if sample is not None and decode_into(images[filled], sample):
                 labels[filled] = sample.label
                 filled += 1
+                failing.clear()
                 if filled == batch_size:
                     break
             else:
                 stats.skipped += 1
+                failing.add((parts["__url__"], parts["__key__"]))
+                if len(failing) >= stats.cycle > 0:
+                    shards = _shard_list(url for url, _ in failing)
+                    raise DataError(f"no usable sample in {shards}: all {stats.cycle} samples are damaged or "
+                                    "cannot be decoded")
         if filled < batch_size and (drop_last or filled == 0):
             return
         yield images[:filled], labels[:filled], stats.skipped - reported
@@ -190,6 +241,7 @@ class TrainStream:
                  batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
         self.uris = uris
         self.shape, self.dtype = card.sample_shape, card.dtype  # as the card states them, never guessed
+        self.num_classes = card.num_classes
         self.config = config
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
@@ -221,8 +273,8 @@ class TrainStream:
                     rng=random.Random(hash(seed)) if self.config.shuffle_shards else None, forever=quota > 0),
             partial(piece_samples, stats=stats),
             *([wds.shuffle(buffer, initial=buffer, rng=random.Random(hash((*seed, 1))))] if buffer > 1 else []),
-            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=quota, drop_last=True, stats=stats),
+            partial(decoded_batches, shape=self.shape, dtype=self.dtype, num_classes=self.num_classes,
+                    batch_size=self.batch_size, max_batches=quota, drop_last=True, stats=stats),
             wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
         )
 
@@ -232,6 +284,7 @@ class EvalStream:
     def __init__(self, uris: list[str], card: DatasetCard, *, batch_size: int, rank: int, world: int) -> None:
         self.uris = uris
         self.shape, self.dtype = card.sample_shape, card.dtype
+        self.num_classes = card.num_classes
         self.batch_size = batch_size
         self.rank = rank
         self.world = world
@@ -243,6 +296,6 @@ class EvalStream:
         return wds.DataPipeline(
             partial(piece_source, self.uris, pieces, stats=stats),
             partial(piece_samples, stats=stats),
-            partial(decoded_batches, shape=self.shape, dtype=self.dtype, batch_size=self.batch_size,
-                    max_batches=None, drop_last=False, stats=stats),
+            partial(decoded_batches, shape=self.shape, dtype=self.dtype, num_classes=self.num_classes,
+                    batch_size=self.batch_size, max_batches=None, drop_last=False, stats=stats),
         )

@@ -27,7 +27,7 @@ from subspectral.train.engine import (
 from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
 from subspectral.train.models import SubNetwork, create_model
 from subspectral.train.portable import PORTABLE_FILE
-from subspectral.train.prepared import read_card, shard_uris
+from subspectral.train.prepared import has_split, read_card, shard_uris
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
     BASIS_FILE,
@@ -102,7 +102,7 @@ class MemberTrainer(MemberTraining):
         card = read_card(job.data)
         self.card = card
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
-        self.val_uris = shard_uris(job.data, card, job.shard, "val")
+        self.val_uris = shard_uris(job.data, card, job.shard, "val") if has_split(card, "val") else None
         self.run_dir = job.out / card.sub_datasets[job.shard]
         self.state = prepare_run_dir(self.run_dir, job.resume, "torch")
         self.meta = run_record(job, card, recipe, "torch").to_json()
@@ -111,9 +111,11 @@ class MemberTrainer(MemberTraining):
         if (batch // dist.world) % recipe.train.accumulate_steps:
             raise ConfigError(f"data.batch_size={batch} over {dist.world} process(es) does not split into "
                               f"train.accumulate_steps={recipe.train.accumulate_steps} micro-batches")
-        self.resume_from = None
+        self.resume_from, self.resume_recipe, self.resume_epochs = None, None, 0
         if self.state == "resume":
             self.resume_from = ckpt.load_checkpoint(self.run_dir / "last.pt", self.meta)
+            self.resume_recipe = self.resume_from["config"]
+            self.resume_epochs = int(self.resume_from["epoch"]) + 1
 
     def build(self) -> None:
         recipe, train_cfg = self.recipe, self.recipe.train
@@ -146,7 +148,8 @@ class MemberTrainer(MemberTraining):
                                         batch_size=recipe.data.batch_size // world,
                                         batches_per_epoch=self.batches_per_epoch, rank=rank, world=world,
                                         seed=train_cfg.seed)
-        self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=rank, world=world)
+        self.val_stream = (EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=rank, world=world)
+                           if self.val_uris else None)
 
     def _checkpoint(self, epoch: int, best_top1: float) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -158,18 +161,19 @@ class MemberTrainer(MemberTraining):
     def restore(self, checkpoint: dict[str, Any]) -> tuple[int, float]:
         try:
             self.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as exc:
-            raise ckpt.CheckpointError(f"last.pt does not fit the model: {str(exc).splitlines()[0]}") from exc
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        # A bfloat16 or float32 run saves an empty scaler state: resumed in float16, it starts from the
-        # scaler's initial scale.
-        if checkpoint["scaler"] or not self.scaler.is_enabled():
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.ema is not None and checkpoint["ema"] is not None:
-            self.ema.load_state_dict(checkpoint["ema"])
-        ckpt.set_rng_state(checkpoint["rng"])
-        return int(checkpoint["epoch"]) + 1, float(checkpoint["best_top1"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            # A bfloat16 or float32 run saves an empty scaler state: resumed in float16, it starts from the
+            # scaler's initial scale.
+            if checkpoint["scaler"] or not self.scaler.is_enabled():
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.ema is not None and checkpoint["ema"] is not None:
+                self.ema.load_state_dict(checkpoint["ema"])
+            ckpt.set_rng_state(checkpoint["rng"])
+            return int(checkpoint["epoch"]) + 1, float(checkpoint["best_top1"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            reason = " ".join((str(exc).splitlines() or [type(exc).__name__])[0].split())
+            raise ckpt.CheckpointError(f"{self.run_dir / 'last.pt'} does not fit this run ({reason})") from exc
 
     def save_basis(self) -> None:
         ckpt.save_basis(self.run_dir, self.model)
@@ -208,7 +212,8 @@ class MemberTrainer(MemberTraining):
 
     def plan(self) -> EpochPlan:
         return EpochPlan.of(self.recipe, shard=self.job.shard, batches_per_epoch=self.batches_per_epoch,
-                            main=self.dist.is_main, world=self.dist.world, progress=self.job.progress)
+                            main=self.dist.is_main, world=self.dist.world, progress=self.job.progress,
+                            validates=self.val_uris is not None)
 
     def save_final_weights(self) -> None:
         model = self._eval_model()

@@ -127,8 +127,20 @@ def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device
     return torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0)
 
 
+def check_labels(keys: list[str], labels: np.ndarray, num_classes: int) -> None:
+    """A label outside the card's classes means the shards are not the card's: refused, as the trainer does."""
+    import numpy as np
+    from subspectral.train.storage import DataError
+
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        first = int(bad[0])
+        raise DataError(f"val sample {keys[first]!r} has label {int(labels[first])}, outside the {num_classes} "
+                        f"classes of the dataset card (0..{num_classes - 1})")
+
+
 def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
-             baseline: Baseline | None, device: torch.device, progress: Any) -> Hits | None:
+             baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int) -> Hits | None:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
     ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
@@ -139,6 +151,7 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
 
     baseline_hits = Hits() if baseline is not None else None
     for batch in lockstep:
+        check_labels(batch.keys, batch.labels, num_classes)
         labels = torch.from_numpy(batch.labels).to(device)
         logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
         ranked = tally_batch(tally, logits, labels)
@@ -238,7 +251,8 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
     try:
         with progress, torch.inference_mode():
-            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress)
+            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress,
+                                     card.num_classes)
     except BaseException:
         writer.close()
         part.unlink(missing_ok=True)  # no half-written predictions left behind
@@ -294,12 +308,13 @@ def _start(args: argparse.Namespace) -> int:
     import torch
     from subspectral.train.distributed import init_distributed, shutdown
     from subspectral.train.ensemble.members import MemberError
-    from subspectral.train.prepared import read_card
+    from subspectral.train.prepared import has_split, read_card
     from subspectral.train.storage import DataError
 
     card = read_card(args.data)
-    if not card.splits["val"].samples:
-        raise DataError(f"{args.data}: the val split is empty: there is nothing to evaluate")
+    if not has_split(card, "val") or not card.splits["val"].samples:
+        raise DataError(f"{args.data} has no val split, and ensemble-eval evaluates the members on it: prepare "
+                        "the dataset with --val-per-class N (N val images per class, e.g. 10), then train on it")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
     if not 0.0 < args.p < 1.0:

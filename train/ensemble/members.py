@@ -137,7 +137,10 @@ def read_run(path: Path, shard: int | None = None) -> FinishedRun:
     except ContractError as error:
         raise MemberError(str(error)) from error
     final = _read_json(path / "final.json")
-    if "top1" not in final:
+    if final.get("validated") is False:
+        raise MemberError(f"{path}: trained without validation (its dataset had no val split), so it has no own "
+                          "val accuracy to rank it by: train it on a dataset prepared with --val-per-class N")
+    if not isinstance(final.get("top1"), (int, float)):
         raise MemberError(f"{path / 'final.json'}: no 'top1'")
     if shard is not None and record.shard != shard:
         raise MemberError(f"{path}: run.json says shard {record.shard}, but the folder is for shard {shard}")

@@ -24,10 +24,13 @@ from subspectral.train import portable
 from subspectral.train.run import BASIS_FILE, IDENTITY_FIELDS, CheckpointError
 
 _META_KEY = "subspectral_meta"
+_RECIPE_KEY = "subspectral_recipe"
+# The values beside the parameters in last.ckpt / best.ckpt (final.ckpt has the meta only).
+RESUME_FIELDS = ("epoch", "best_top1", _RECIPE_KEY)
 
 
 def save_ckpt(cell: nn.Cell, path: Path, meta: dict[str, Any], *, standalone: bool = False,
-              **extra: int | float) -> None:
+              recipe: dict[str, Any] | None = None, **extra: int | float) -> None:
     """Write ``cell``'s parameters to ``path`` atomically (temporary name in the folder, then rename).
 
     ``standalone``: name parameters by their path inside ``cell`` ("net.conv1.weight"), not by their
@@ -37,20 +40,34 @@ def save_ckpt(cell: nn.Cell, path: Path, meta: dict[str, Any], *, standalone: bo
     saved = [{"name": name, "data": param} for name, param in cell.parameters_and_names()] if standalone else cell
     # save_checkpoint appends ".ckpt" to names that lack it: give the temporary name that suffix.
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.ckpt")
-    ms.save_checkpoint(saved, str(tmp), append_dict={_META_KEY: json.dumps(meta, sort_keys=True), **extra})
+    values = {_META_KEY: json.dumps(meta, sort_keys=True), **extra}
+    if recipe is not None:  # the recipe the weights were trained with: a resume must use the same
+        values[_RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
+    ms.save_checkpoint(saved, str(tmp), append_dict=values)
     tmp.chmod(0o644)  # MindSpore writes checkpoints read-only (0400); the torch backend's files are 0644
     os.replace(tmp, path)
 
 
-def read_ckpt(path: Path, meta: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(parameters by name, the saved run meta); refuses a checkpoint made for another member or model."""
+def read_ckpt(path: Path, meta: dict[str, Any] | None = None,
+              fields: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parameters by name, the saved run meta); refuses a checkpoint made for another member or model,
+    or one that lacks the run meta or any of ``fields``."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (is the member finished?)")
     try:
         params = ms.load_checkpoint(str(path))
-        theirs = json.loads(str(params.pop(_META_KEY)))
     except Exception as exc:  # any parse failure means the same thing to the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {(str(exc).splitlines() or [''])[0]}") from exc
+        reason = " ".join((str(exc).splitlines() or [type(exc).__name__])[0].split())
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a MindSpore checkpoint ({reason})") \
+            from exc
+    missing = [name for name in (_META_KEY, *fields) if name not in params]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this tool's "
+                              "trainer, or one of an older version")
+    try:
+        theirs = json.loads(str(params.pop(_META_KEY)))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: its run meta is not JSON") from exc
     if meta is not None:
         for field in IDENTITY_FIELDS:
             if theirs.get(field) != meta.get(field):
@@ -59,9 +76,15 @@ def read_ckpt(path: Path, meta: dict[str, Any] | None = None) -> tuple[dict[str,
     return params, theirs
 
 
-def scalar(params: dict[str, Any], name: str) -> float:
-    value = params.pop(name)
+def scalar(params: dict[str, Any], name: str, keep: bool = False) -> float:
+    """The value ``name`` saved beside the parameters; removed from ``params`` unless ``keep``."""
+    value = params[name] if keep else params.pop(name)
     return float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
+
+
+def recipe_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The recipe (``Recipe.to_dict()``) a resumable checkpoint was trained with, removed from ``params``."""
+    return json.loads(str(params.pop(_RECIPE_KEY)))
 
 
 def load_into(cell: nn.Cell, params: dict[str, Any], path: Path) -> None:

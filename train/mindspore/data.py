@@ -14,11 +14,14 @@ GeneratorDataset's ``num_shards`` would need per-sample random access, which a t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from subspectral.schemas import DatasetCard
 from subspectral.train.config import DataConfig
+from subspectral.train.storage import DataError
 from subspectral.train.stream import EvalStream, TrainStream
 
 TRAIN_COLUMNS = ["images", "labels", "skipped"]
@@ -79,6 +82,25 @@ def eval_dataset(stream: EvalStream):
     import mindspore.dataset as ds
 
     return ds.GeneratorDataset(PaddedEval(stream), column_names=EVAL_COLUMNS, shuffle=False)
+
+
+# The last line of the Python traceback MindSpore puts in its RuntimeError when a source raised DataError.
+_DATA_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: (.*)$", re.MULTILINE)
+
+
+def batches(dataset: Any) -> Iterator[tuple[np.ndarray, ...]]:
+    """One pass over a GeneratorDataset as numpy tuples; a ``DataError`` of the stream is raised as itself.
+
+    MindSpore turns an exception in a source (in its own thread or a worker process) into a RuntimeError
+    holding the whole traceback as text; the stream's one-line message is taken back out of it.
+    """
+    try:
+        yield from dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    except RuntimeError as error:
+        found = _DATA_ERROR.findall(str(error))
+        if not found:
+            raise
+        raise DataError(found[-1]) from None
 
 
 def slot_stream(uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int, batches_per_epoch: int,

@@ -20,7 +20,7 @@ from subspectral.schemas import DatasetCard
 from subspectral.train.config import ConfigError, Recipe
 from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoch
 from subspectral.train.mindspore import checkpoint as ckpt
-from subspectral.train.mindspore.data import eval_dataset, slot_stream, train_dataset
+from subspectral.train.mindspore.data import batches, eval_dataset, slot_stream, train_dataset
 from subspectral.train.mindspore.ebv import generate_basis
 from subspectral.train.mindspore.models import create_model, ebv_basis_of, ebv_heads
 from subspectral.train.mindspore.runtime import Runtime
@@ -34,20 +34,22 @@ from subspectral.train.mindspore.step import (
 )
 from subspectral.train.mixing import mix_batch
 from subspectral.train.portable import PORTABLE_FILE
-from subspectral.train.prepared import read_card, shard_uris
+from subspectral.train.prepared import has_split, read_card, shard_uris
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import BASIS_FILE, MemberJob, prepare_run_dir, run_record
 from subspectral.train.schedule import lr_factor
 from subspectral.train.stream import EvalStream
 
 _EVAL_BATCH = 512
-_UNSUPPORTED = {"ema_decay": "train.ema_decay > 0 (EMA weights)"}
+# Recipe keys the torch backend honours and this one cannot: refused, never silently ignored.
+_UNSUPPORTED = {"train.ema_decay": ("EMA weights", lambda r: r.train.ema_decay > 0, 0),
+                "train.accumulate_steps": ("gradient accumulation", lambda r: r.train.accumulate_steps > 1, 1)}
 
 
 def _check_supported(recipe: Recipe) -> None:
-    if recipe.train.ema_decay > 0:
-        raise ConfigError(f"{_UNSUPPORTED['ema_decay']} is not supported by the mindspore backend; "
-                          "set train.ema_decay=0")
+    for key, (what, used, default) in _UNSUPPORTED.items():
+        if used(recipe):
+            raise ConfigError(f"{key} ({what}) is not supported by the mindspore backend; set {key}={default}")
 
 
 def mindspore_meta(job: MemberJob, card: DatasetCard, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
@@ -76,14 +78,16 @@ class MindSporeTrainer(MemberTraining):
         self.job, self.recipe, self.runtime = job, recipe, runtime
         self.card = card = read_card(job.data)
         self.train_uris = shard_uris(job.data, card, job.shard, "train")
-        self.val_uris = shard_uris(job.data, card, job.shard, "val")
+        self.val_uris = shard_uris(job.data, card, job.shard, "val") if has_split(card, "val") else None
         self.run_dir = job.out / card.sub_datasets[job.shard]
         self.state = prepare_run_dir(self.run_dir, job.resume, "mindspore")
         self.meta = mindspore_meta(job, card, recipe, runtime)
         self.batches_per_epoch = batches_per_epoch(card, recipe.data.batch_size, runtime.world)
-        self.resume_from = None
+        self.resume_from, self.resume_recipe, self.resume_epochs = None, None, 0
         if self.state == "resume":
-            self.resume_from = ckpt.read_ckpt(self.run_dir / "last.ckpt", self.meta)[0]
+            self.resume_from = ckpt.read_ckpt(self.run_dir / "last.ckpt", self.meta, ckpt.RESUME_FIELDS)[0]
+            self.resume_recipe = ckpt.recipe_of(self.resume_from)
+            self.resume_epochs = int(ckpt.scalar(self.resume_from, "epoch", keep=True)) + 1
 
     def _basis(self) -> np.ndarray | None:
         spec = self.meta["model"]
@@ -113,8 +117,8 @@ class MindSporeTrainer(MemberTraining):
                                         batch_size=recipe.data.batch_size // world,
                                         batches_per_epoch=self.batches_per_epoch, rank=self.runtime.rank, world=world,
                                         seed=recipe.train.seed)
-        self.val_stream = EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=self.runtime.rank,
-                                     world=world)
+        self.val_stream = (EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=self.runtime.rank,
+                                      world=world) if self.val_uris else None)
 
     def restore(self, params: dict[str, Any]) -> tuple[int, float]:
         epoch, best = ckpt.scalar(params, "epoch"), ckpt.scalar(params, "best_top1")
@@ -123,7 +127,8 @@ class MindSporeTrainer(MemberTraining):
 
     def save_last(self, epoch: int, best_top1: float) -> Path:
         path = self.run_dir / "last.ckpt"
-        ckpt.save_ckpt(self.train_step, path, self.meta, epoch=epoch, best_top1=best_top1)
+        ckpt.save_ckpt(self.train_step, path, self.meta, recipe=self.recipe.to_dict(), epoch=epoch,
+                       best_top1=best_top1)
         return path
 
     def save_basis(self) -> None:
@@ -142,7 +147,7 @@ class MindSporeTrainer(MemberTraining):
         loss_sum, seen, skipped, steps = 0.0, 0, 0, 0
         start = time.perf_counter()
         dataset = train_dataset(self.train_stream, self.recipe.data.workers)
-        for images, labels, batch_skipped in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+        for images, labels, batch_skipped in batches(dataset):
             # The torch backend's mixing, on the host: the same draws from the same generator.
             mixed, targets = mix_batch(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                                        classes, config, mix_rng)
@@ -168,8 +173,7 @@ class MindSporeTrainer(MemberTraining):
     def validate(self) -> dict[str, Any]:
         self.eval_step.set_train(False)
         totals = np.zeros(5)  # loss, top1, top5, samples, skipped
-        for images, labels, count, skipped in eval_dataset(self.val_stream).create_tuple_iterator(
-                output_numpy=True, num_epochs=1):
+        for images, labels, count, skipped in batches(eval_dataset(self.val_stream)):
             loss, top1, top5 = self.eval_step(Tensor(images), Tensor(labels), Tensor(count))
             totals += [float(loss.asnumpy()), float(top1.asnumpy()), float(top5.asnumpy()), int(count), int(skipped)]
         loss, top1, top5, samples, skipped = self._all_reduce(totals.tolist())
@@ -187,7 +191,7 @@ class MindSporeTrainer(MemberTraining):
     def plan(self) -> EpochPlan:
         return EpochPlan.of(self.recipe, shard=self.job.shard, batches_per_epoch=self.batches_per_epoch,
                             main=self.runtime.is_main, world=self.runtime.world, progress=self.job.progress,
-                            label="mindspore")
+                            label="mindspore", validates=self.val_uris is not None)
 
     def wait_for_ranks(self) -> None:
         return None  # ranks already meet in the all-reduces of every epoch's metrics
