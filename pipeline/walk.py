@@ -37,7 +37,7 @@ class Entry:
     path: str  # as reached: links in it are not resolved
     is_dir: bool = False
     size: int = -1
-    reason: str | None = None
+    reason: RejectReason | None = None
     detail: str = ""
     target: str | None = None  # reached through a link: the path under the root it stands for (or is, seen
     #                            from the link-free way in, for a rejected entry in a linked folder)

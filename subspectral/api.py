@@ -4,6 +4,7 @@
     logging.basicConfig(level=logging.INFO)                       # to see the messages
     data = subspectral.prepare("data/sample-sub36", shard_size=100)  # the embedded sample corpus
     member = subspectral.train_member(data.out, shard=7, config="sample", out="runs", epochs=4, device="cpu")
+    ensemble = subspectral.ensemble_eval(data.out, "runs", members=[7], device="cpu")
 
 Each function takes the command's options as keyword arguments, named as on the command line with
 ``_`` for ``-`` (``--val-per-class 20`` is ``val_per_class=20``), with the same defaults: the
@@ -102,3 +103,44 @@ def _run_folder(data: str, shard: int) -> str:
     from subspectral.train.prepared import read_card
 
     return read_card(data).sub_datasets[shard]
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """What ``ensemble_eval`` wrote: report.json's content and the paths of the four outputs."""
+
+    report: dict[str, Any]  # docs/ensemble.md, "Outputs"
+    out: Path  # the report folder
+    report_json: Path
+    report_md: Path
+    plot: Path  # accuracy_vs_members.png
+    predictions: Path  # predictions.parquet
+
+    @property
+    def methods(self) -> dict[str, dict[str, float]]:
+        """``{method: {"top1", "top5"}}`` of the whole ensemble, as fractions."""
+        return self.report["methods"]
+
+
+def ensemble_eval(data: str | Path, runs: str | Path, **options: Any) -> EnsembleResult | None:
+    """``cli.py ensemble-eval``: the ensemble of the finished members in ``runs`` on ``data``'s val split.
+
+    ``members`` is a list of shard indices (or the command's ``"0,1,3"``); ``out`` defaults to
+    ``runs/ensemble``. The missing-members line goes to the log. Launched by torchrun, each worker
+    calls it and only the main worker gets the result (the others get None).
+    """
+    from subspectral.train.ensemble.cli import evaluate_ensemble
+
+    members = options.get("members")
+    if isinstance(members, (list, tuple)):
+        options["members"] = ",".join(str(int(k)) for k in members)
+    for name in ("out", "baseline"):
+        if options.get(name) is not None:
+            options[name] = Path(options[name])
+    args = _options("subspectral.train.ensemble.cli", {"data": str(data), "runs": Path(runs)}, options)
+    evaluation = evaluate_ensemble(args, notify=log.warning, progress_bar=False)
+    if evaluation is None:
+        return None
+    files = evaluation.files
+    return EnsembleResult(evaluation.report, evaluation.out, files["report.json"], files["report.md"],
+                          files["accuracy_vs_members.png"], files["predictions.parquet"])

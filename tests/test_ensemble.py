@@ -16,7 +16,10 @@ from subspectral.train.ensemble.fusion import (
     tally_batch,
     ten_crop,
     top_k_classes,
+    top_k_of_quotient,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Three members (rank order), two samples, four classes.
 LOGITS = torch.tensor(
@@ -88,6 +91,22 @@ def test_top_k_classes_orders_exact_ties_by_index() -> None:
     assert top_k_classes(scores, 9).shape == (2, 5)
 
 
+def test_top_k_of_a_quotient_ranks_ties_made_by_the_division_like_the_full_quotient() -> None:
+    low = torch.tensor(1.5)
+    high = torch.nextafter(low, torch.tensor(2.0))
+    numerator = torch.stack([
+        torch.stack([low, high, torch.tensor(0.0), torch.tensor(1.0)]),
+        torch.tensor([0.0, 2.0, math.nan, 1.0]),
+        torch.tensor([3.0, 1.0, 2.0, 0.0]),
+    ])
+    # Different numerators, one quotient (a divisor below 1 rounds to a coarser grid): a tie, lower index first.
+    assert high > low and high / 0.3 == low / 0.3
+    expected = top_k_classes(numerator / 0.3, 3)
+    assert expected[0, :2].tolist() == [0, 1]
+    assert top_k_of_quotient(numerator, 0.3, 3).tolist() == expected.tolist()
+    assert top_k_of_quotient(numerator, 0.3, 9).tolist() == top_k_classes(numerator / 0.3, 9).tolist()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_prefixes_end_with_the_full_fusion(method: str) -> None:
     prefixes = [s.clone() for s in fuse_prefixes(method, LOGITS)]
@@ -123,3 +142,29 @@ def test_ten_crop_views_corners_centre_and_flips() -> None:
     assert corners[0, 0, 0, 0, 0] == 0 and corners[3, 0, -1, -1, 0] == 63
     means = corners[:5, 0, ..., 0].float().mean(dim=(1, 2)).tolist()
     assert means == pytest.approx([13.5, 17.5, 45.5, 49.5, 31.5])  # the crops' own means: 8·row + col
+
+
+class LargestResult(TorchDispatchMode):
+    """Records the largest tensor (in bytes) that any torch operation returns while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                self.bytes = max(self.bytes, leaf.numel() * leaf.element_size())
+        return result
+
+
+def test_a_batch_is_fused_and_tallied_without_a_members_by_batch_by_classes_tensor() -> None:
+    members, batch, classes = 6, 8, 300
+    logits = torch.randn(members, batch, classes, generator=torch.Generator().manual_seed(0))
+    tally = Tally(num_members=members, methods=METHODS)
+    with LargestResult() as largest:
+        tally_batch(tally, logits, torch.arange(batch))
+    # Nothing larger than one float64 [B, C] (vote's running sum); the [M, B, C] terms are never built.
+    assert 0 < largest.bytes <= batch * classes * 8
+    assert tally.samples == batch

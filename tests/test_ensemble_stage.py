@@ -182,6 +182,25 @@ def test_misaligned_shards_stop_the_stage(stage, capsys) -> None:
     assert not list((runs / "ensemble").glob("predictions*"))
 
 
+@pytest.mark.parametrize("prefetch", ["0", "2"])
+def test_a_shard_cut_short_after_a_written_batch_is_one_line_and_leaves_no_predictions(stage, capsys, prefetch) -> None:
+    data, runs, _ = stage
+    shard = data / "sub-02" / "val-000002.tar"  # the last sample, img_0006: the first batch of 4 is written before
+    shard.write_bytes(shard.read_bytes()[:1600])  # cut inside img_0006.npy
+    assert run_stage(data, runs, "--prefetch", prefetch) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"ensemble-eval: error: sub-02: corrupt shard {shard}: "
+                                            "tar member 'img_0006.npy' is truncated")
+    assert not list((runs / "ensemble").glob("predictions*"))
+
+
+def test_a_negative_prefetch_is_refused(stage, capsys) -> None:
+    data, runs, _ = stage
+    assert run_stage(data, runs, "--prefetch", "-1") == 2
+    assert capsys.readouterr().err.strip() == "ensemble-eval: error: --prefetch must be 0 or more"
+
+
 def test_empty_val_split_is_one_clear_error(stage, capsys) -> None:
     data, runs, card = stage
     card["splits"]["val"] = {**card["splits"]["val"], "shards": 0, "samples": 0}
@@ -205,7 +224,7 @@ def test_help_lists_every_option() -> None:
     ensemble_cli.add_arguments(parser)
     text = parser.format_help()
     for option in ("--data", "--runs", "--members", "--method", "--p", "--baseline", "--ten-crop", "--out",
-                   "--require-all", "--device", "--batch-size"):
+                   "--require-all", "--device", "--batch-size", "--prefetch"):
         assert option in text
     assert "87.5%" in text
 
@@ -294,7 +313,9 @@ def test_a_malicious_checkpoint_is_refused_without_suggesting_the_unsafe_load(st
 def test_a_val_label_outside_the_classes_is_one_clear_error(stage, capsys, label) -> None:
     data, runs, card = stage
     images = np.zeros((4, len(LABELS), 2, 2, 3), dtype=np.uint8)
-    make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    card = make_dataset(data, images, [*LABELS[:5], label, LABELS[6]], num_classes=C, shard_size=3)  # sample 5
+    for shard, top1 in OWN_TOP1.items():  # members of this dataset: the label, not the data identity, is wrong
+        make_run(runs, card, shard, top1, backend="pixels", data=str(data))
     assert run_stage(data, runs, "--members", "0,1,2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ensemble-eval: error: val sample 'img_0005' has label {label}, outside the {C} classes of the "

@@ -164,11 +164,12 @@ def test_member_loader_predicts_what_the_network_computes(tmp_path):
         load_member(read_run(run_dir), torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("stem", "head", "tags"), [
-    ("lowres", "linear", ["open", "lowres stem", "input", "logits"]),
-    ("imagenet", "ebv", ["open", "input", "ebv"]),
+@pytest.mark.parametrize(("name", "stem", "head", "tags"), [
+    ("resnet18", "lowres", "linear", ["open", "lowres stem", "input", "logits"]),
+    ("resnet18", "imagenet", "ebv", ["open", "input", "ebv"]),
+    ("resnet50", "lowres", "linear", ["open", "lowres stem", "input", "logits"]),  # bottleneck blocks' names
 ])
-def test_final_safetensors_loads_into_torchvision_with_the_same_logits(tmp_path, stem, head, tags):
+def test_final_safetensors_loads_into_torchvision_with_the_same_logits(tmp_path, name, stem, head, tags):
     """A MindSpore member's final.safetensors, loaded as docs/training.md shows, computes what MindSpore computes."""
     from subspectral.train.mindspore.checkpoint import save_portable
     from subspectral.train.mindspore.models import ebv_heads
@@ -176,11 +177,11 @@ def test_final_safetensors_loads_into_torchvision_with_the_same_logits(tmp_path,
 
     rng = np.random.default_rng(0)
     basis = generate_basis(10, 6, 0.002, 42, 200) if head == "ebv" else None
-    network = create_model("resnet18", 10, stem=stem, head=head, ebv_basis=basis, mean=(0.4, 0.5, 0.6),
+    network = create_model(name, 10, stem=stem, head=head, ebv_basis=basis, mean=(0.4, 0.5, 0.6),
                            std=(0.2, 0.25, 0.3))
-    for name, param in network.parameters_and_names():  # BatchNorm statistics that are not the defaults
-        if name.endswith(("moving_mean", "moving_variance")):
-            low = 0.5 if name.endswith("variance") else -0.2
+    for param_name, param in network.parameters_and_names():  # BatchNorm statistics that are not the defaults
+        if param_name.endswith(("moving_mean", "moving_variance")):
+            low = 0.5 if param_name.endswith("variance") else -0.2
             param.set_data(ms.Tensor(rng.uniform(low, low + 0.7, param.shape).astype(np.float32)))
     network.set_train(False)
     meta = {"model": {"input": {"scale": 1 / 255, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
@@ -189,6 +190,7 @@ def test_final_safetensors_loads_into_torchvision_with_the_same_logits(tmp_path,
     images = rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
     namespace = {"images": images}
     for tag in tags:
-        exec(doc_block(tag).replace(DOC_PATH, str(tmp_path / "final.safetensors")), namespace)  # noqa: S102
+        code = doc_block(tag).replace(DOC_PATH, str(tmp_path / "final.safetensors"))
+        exec(code.replace("torchvision.models.resnet18", f"torchvision.models.{name}"), namespace)  # noqa: S102
     expected = network(ms.Tensor(images)).asnumpy()
     assert np.allclose(namespace["logits"].detach().numpy(), expected, rtol=1e-3, atol=1e-3)

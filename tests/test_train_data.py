@@ -17,7 +17,7 @@ from damaged_data import one_sub_dataset
 from subspectral.train.config import DataConfig
 from subspectral.train.data import make_loader
 from subspectral.train.prepared import read_card, shard_uris
-from subspectral.train.shards import CorruptShard, iter_samples
+from subspectral.train.shards import CorruptShard, iter_samples, stream_samples
 from subspectral.train.storage import DataError
 from subspectral.train.stream import (
     EvalStream,
@@ -56,6 +56,37 @@ def test_fast_ustar_reader_matches_tarfile_and_pax_falls_back(prepared_sample, t
     assert [(k, sorted(p)) for k, p in iter_samples(pax.read_bytes())] == [(long_key, ["cls", "jpg"])]
     with pytest.raises(CorruptShard):  # a truncated pax shard fails as corrupt, through webdataset's reader too
         list(iter_samples(pax.read_bytes()[:1500]))
+
+
+def test_streamed_reader_yields_what_the_whole_shard_reader_yields(prepared_sample, tmp_path):
+    shard = prepared_sample / "sub-03" / "train-000001.tar"
+    with open(shard, "rb", buffering=4096) as stream:  # a buffer smaller than a member: reads cross it
+        assert list(stream_samples(stream)) == list(iter_samples(shard.read_bytes()))
+    jpg = _members(shard)[1][1]
+    # Plain ustar members, then one whose name needs a pax header: the stream hands the rest to webdataset.
+    mixed = tmp_path / "mixed.tar"
+    _write_tar(mixed, [("a.cls", b"1"), ("a.jpg", jpg), (f"{'x' * 120}.cls", b"3"), (f"{'x' * 120}.jpg", jpg)],
+               tarfile.PAX_FORMAT)
+    with open(mixed, "rb") as stream:
+        assert list(stream_samples(stream)) == list(iter_samples(mixed.read_bytes()))
+    assert [key for key, _ in iter_samples(mixed.read_bytes())] == ["a", "x" * 120]
+    # Cut inside the third sample's JPEG: the two whole samples, the third's members before the cut, then
+    # the error; and cut right after a member (no end-of-archive block): the same as the whole-shard reader.
+    with tarfile.open(shard) as archive:
+        third_jpg = [m for m in archive if m.isfile()][2 * 3 + 1]
+    whole = [key for key, _ in iter_samples(shard.read_bytes())]
+    for end, error in ((third_jpg.offset_data + third_jpg.size // 2, "is truncated"),
+                       (third_jpg.offset_data - 512, "without its end-of-archive block")):
+        cut = tmp_path / "cut.tar"
+        cut.write_bytes(shard.read_bytes()[:end])
+        read: dict[str, list] = {"stream": [], "buffer": []}
+        with open(cut, "rb") as stream:
+            for name, samples in (("stream", stream_samples(stream)), ("buffer", iter_samples(cut.read_bytes()))):
+                with pytest.raises(CorruptShard, match=error):
+                    for sample in samples:
+                        read[name].append(sample)
+        assert read["stream"] == read["buffer"]
+        assert [key for key, _ in read["stream"]] == whole[:3] and "jpg" not in read["stream"][2][1]
 
 
 def test_samples_stage_yields_what_webdataset_reads(prepared_sample):

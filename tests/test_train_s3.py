@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_CREDENTIALS, run_cli, s3_client
+from conftest import REPO, S3_CREDENTIALS, run_cli, s3_client
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -145,3 +154,95 @@ def test_a_damaged_val_shard_on_s3_counts_the_samples_lost(prepared_sample, s3_e
     stream = EvalStream(shard_uris(data, card, 0, "val"), card, batch_size=32, rank=0, world=1)
     batches = list(make_loader(stream, 0, False))
     assert (sum(len(b["labels"]) for b in batches), sum(int(b["skipped"]) for b in batches)) == (head, 100 - head)
+
+
+@pytest.fixture
+def store_stalling_on_train_shards(s3_endpoint):
+    """A proxy to the S3 endpoint that answers everything but reads of the train tars (GET; their HEAD is
+    answered), which it never answers: a store that hangs mid-training. Its URL, and the stalled requests."""
+    host, port = s3_endpoint.split("://", 1)[1].split(":")
+    stalled: list[str] = []
+    closing = threading.Event()
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as pyarrow's client expects
+
+        def forward(self) -> None:
+            if self.command == "GET" and re.search(r"/sub-\d+/train-\d+\.tar", self.path):
+                stalled.append(self.path)
+                closing.wait()
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            upstream = http.client.HTTPConnection(host, int(port), timeout=30)
+            upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+            response = upstream.getresponse()
+            payload = response.read()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload) if self.command != "HEAD"
+                                                   else response.getheader("Content-Length", "0")))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            upstream.close()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", stalled
+    closing.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_stops_training_at_once_while_a_read_hangs(s3_data, store_stalling_on_train_shards, tmp_path,
+                                                                   signum):
+    """The trainer reads its shards in the main process (data.workers=0): blocked in a request to a store that
+    stopped answering, the first signal waits for the storage timeout; the second exits at once."""
+    url, stalled = store_stalling_on_train_shards
+    env = {**os.environ, "PYTHONPATH": str(REPO), **S3_CREDENTIALS, "AWS_ENDPOINT_URL": url,
+           "SUBSPECTRAL_STORAGE_TIMEOUT": "600"}
+    command = [sys.executable, str(REPO / "cli.py"), "train", "--data", s3_data, "--shard", str(SHARD), "--config",
+               "sample", "--out", str(tmp_path / "runs"), "--no-progress", "data.workers=0"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not stalled:  # the card, tables and model are done: training waits for its first shard
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        process.send_signal(signum)
+        time.sleep(0.5)
+        assert process.poll() is None  # the first signal waits for the blocked read
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stderr
+    assert f"{name} received again: exiting now; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "runs" / f"sub-{SHARD:02d}" / "final.json").exists()
+
+
+def test_a_store_that_stops_answering_mid_training_fails_in_one_line(s3_data, store_stalling_on_train_shards,
+                                                                     tmp_path):
+    """The DataLoader workers' reads have the storage layer's timeout: one line, not a hang."""
+    url, stalled = store_stalling_on_train_shards
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": url, "SUBSPECTRAL_STORAGE_TIMEOUT": "1"}
+    result = run_cli("train", "--data", s3_data, "--shard", str(SHARD), "--config", "sample", "--out",
+                     str(tmp_path / "runs"), "--no-progress", "data.workers=2", env=env, check=False, timeout=300)
+    line = one_line_error(result)
+    assert line.startswith(f"cli.py train: error: cannot read {s3_data}/sub-{SHARD:02d}/train-"), line
+    assert "Timeout was reached" in line and stalled
+    assert not (tmp_path / "runs" / f"sub-{SHARD:02d}" / "final.json").exists()

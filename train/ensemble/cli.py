@@ -15,8 +15,10 @@ Writes report.json, report.md, accuracy_vs_members.png and predictions.parquet t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
     from subspectral.schemas import DatasetCard
     from subspectral.train.distributed import DistInfo
     from subspectral.train.ensemble.fusion import Hits, Tally
-    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.lockstep import Lockstep, LockstepBatch, Stream
     from subspectral.train.ensemble.members import FinishedRun, Member
     from subspectral.train.ensemble.report import PredictionWriter
 
@@ -53,6 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches read and decoded ahead in a background thread while the members run "
+                             "(0: read in turn with the forward passes; default: 2)")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation wrote: the report (report.json's content) and the files in ``out``."""
+
+    report: dict[str, Any]
+    out: Path
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """report.json, report.md, accuracy_vs_members.png and predictions.parquet by name."""
+        return {name: self.out / name for name in REPORT_FILES}
+
+
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_members.png", "predictions.parquet")
 
 
 @dataclass
@@ -139,22 +160,25 @@ def check_labels(keys: list[str], labels: np.ndarray, num_classes: int) -> None:
                         f"classes of the dataset card (0..{num_classes - 1})")
 
 
-def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: PredictionWriter,
+def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tally, writer: PredictionWriter,
              baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int) -> Hits | None:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
-    ``lockstep`` yields the members' streams in order, then the baseline's; returns the baseline's
-    Hits (or None). ``progress`` is a tqdm bar.
+    Each member's logits are fused as soon as they are computed (``BatchFusion``), so one member's
+    ``[B, C]`` logits are held at a time, not all M. ``batches`` hold the members' streams in order,
+    then the baseline's; returns the baseline's Hits (or None). ``progress`` is a tqdm bar.
     """
     import torch
-    from subspectral.train.ensemble.fusion import Hits, tally_batch, top_k_classes
+    from subspectral.train.ensemble.fusion import BatchFusion, Hits, top_k_classes
 
     baseline_hits = Hits() if baseline is not None else None
-    for batch in lockstep:
+    for batch in batches:
         check_labels(batch.keys, batch.labels, num_classes)
         labels = torch.from_numpy(batch.labels).to(device)
-        logits = torch.stack([m.predict(images) for m, images in zip(members, batch.images, strict=False)])
-        ranked = tally_batch(tally, logits, labels)
+        fusion = BatchFusion(tally, labels)
+        for member, images in zip(members, batch.images, strict=False):
+            fusion.add(member.predict(images))
+        ranked = fusion.finish()
         if baseline is not None:
             ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
             baseline_hits.add(ranked["baseline"], labels)
@@ -165,9 +189,10 @@ def evaluate(members: list[Member], lockstep: Lockstep, tally: Tally, writer: Pr
 
 
 def select_runs(
-    args: argparse.Namespace, card: DatasetCard, announce: bool = True
+    args: argparse.Namespace, card: DatasetCard, notify: Callable[[str], None] | None = None
 ) -> tuple[list[FinishedRun], list[int]]:
-    """The finished, compatible runs among --members, best own val accuracy first; and the missing."""
+    """The finished, compatible runs among --members, best own val accuracy first; and the missing
+    (``notify`` gets the line naming them, as soon as they are known)."""
     from subspectral.train.ensemble.fusion import rank_members
     from subspectral.train.ensemble.members import MemberError, check_compatible, discover_runs
 
@@ -179,8 +204,8 @@ def select_runs(
         listed = ", ".join(folders[k] for k in missing)
         if args.require_all:
             raise MemberError(f"--require-all: no finished run (final.json) in {args.runs} for {listed}")
-        if announce:
-            print(f"ensemble-eval: missing members, not evaluated: {listed}", file=sys.stderr)
+        if notify is not None:
+            notify(f"ensemble-eval: missing members, not evaluated: {listed}")
     if not runs:
         raise MemberError(f"no finished member run (sub-KK/final.json) in {args.runs}")
     for run in runs:
@@ -203,8 +228,10 @@ def reduce_over_workers(
         baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
 
 
-def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo) -> int:
-    """One worker's part of the evaluation; the main worker merges and writes the report.
+def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo,
+              notify: Callable[[str], None] | None, progress_bar: bool) -> Evaluation | None:
+    """One worker's part of the evaluation; the main worker merges, writes the report and returns
+    it (the other workers return None).
 
     With torchrun, worker r evaluates val shards r, r+W, r+2W, … of every stream and writes its
     own predictions part; counters are summed with an all-reduce and the parts merged in shard order,
@@ -213,13 +240,12 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     import torch
     from subspectral.train.distributed import barrier
     from subspectral.train.ensemble.fusion import METHODS, Tally
-    from subspectral.train.ensemble.lockstep import Lockstep, Stream
+    from subspectral.train.ensemble.lockstep import Lockstep, Stream, prefetch
     from subspectral.train.ensemble.members import load_member
     from subspectral.train.ensemble.report import (
         PredictionWriter,
         build_report,
         merge_prediction_parts,
-        render_markdown,
         write_reports,
     )
     from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
@@ -229,7 +255,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     started = time.perf_counter()
     data = absolute_uri(args.data)
     folders = card.sub_datasets
-    runs, missing = select_runs(args, card, announce=workers.is_main)
+    runs, missing = select_runs(args, card, notify if workers.is_main else None)
     members = [load_member(run, device) for run in runs]
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shard_table = read_shard_table(data)
@@ -248,10 +274,12 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
                               shard_of=lambda local: workers.rank + workers.world * local)
     total = card.splits["val"].samples
-    progress = tqdm(total=total, unit="img", desc="ensemble-eval", disable=None if workers.is_main else True)
+    progress = tqdm(total=total, unit="img", desc="ensemble-eval",
+                    disable=None if workers.is_main and progress_bar else True)
     try:
-        with progress, torch.inference_mode():
-            baseline_hits = evaluate(members, lockstep, tally, writer, baseline, device, progress,
+        # closing(): a failure in a member stops the reading thread at once, not when collected.
+        with progress, torch.inference_mode(), contextlib.closing(prefetch(lockstep, args.prefetch)) as batches:
+            baseline_hits = evaluate(members, batches, tally, writer, baseline, device, progress,
                                      card.num_classes)
     except BaseException:
         writer.close()
@@ -262,7 +290,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         reduce_over_workers(tally, lockstep, baseline_hits, device)
         barrier()
         if not workers.is_main:
-            return 0
+            return None
     if tally.samples == 0:
         raise DataError(f"{data}: no readable val sample ({lockstep.skipped} skipped)")
     if workers.enabled:
@@ -296,15 +324,15 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     baseline_result = None if baseline is None else (baseline.info, baseline_hits)
     report = build_report(tally, member_info, baseline_result, context)
     write_reports(report, out)
-    print(render_markdown(report))
-    print(f"ensemble-eval: {tally.samples} images, {len(members)} members in {seconds:.1f}s on {device} "
-          f"({workers.world} worker(s)); wrote {out}/report.json, report.md, accuracy_vs_members.png, "
-          "predictions.parquet")
-    return 0
+    return Evaluation(report, out)
 
 
-def _start(args: argparse.Namespace) -> int:
-    """Checks that need no member, then the device and (under torchrun) the process group."""
+def evaluate_ensemble(args: argparse.Namespace, notify: Callable[[str], None] | None = None,
+                      progress_bar: bool = True) -> Evaluation | None:
+    """The evaluation ``args`` (this command's options) describe; prints nothing itself. Checks that
+    need no member, then the device and (under torchrun) the process group; None on the workers
+    other than the main one. Bad input raises ``ValueError`` (``DataError``, ``MemberError``,
+    ``MisalignedError``) with a one-line message; storage failures ``OSError``."""
     import torch
     from subspectral.train.distributed import init_distributed, shutdown
     from subspectral.train.ensemble.members import MemberError
@@ -317,6 +345,8 @@ def _start(args: argparse.Namespace) -> int:
                         "the dataset with --val-per-class N (N val images per class, e.g. 10), then train on it")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
+    if args.prefetch < 0:
+        raise MemberError("--prefetch must be 0 or more")
     if not 0.0 < args.p < 1.0:
         raise MemberError(f"--p must lie strictly between 0 and 1, got {args.p}")
     if args.ten_crop and args.baseline is None:
@@ -326,7 +356,7 @@ def _start(args: argparse.Namespace) -> int:
     if workers.enabled and device.type == "cuda":
         device = torch.device("cuda", workers.local_rank)
     try:
-        return _evaluate(args, card, device, workers)
+        return _evaluate(args, card, device, workers, notify, progress_bar)
     finally:
         shutdown()
 
@@ -334,13 +364,21 @@ def _start(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from subspectral.train.ensemble.lockstep import MisalignedError
     from subspectral.train.ensemble.members import MemberError
+    from subspectral.train.ensemble.report import render_markdown
     from subspectral.train.storage import DataError
 
     try:
-        return _start(args)
+        evaluation = evaluate_ensemble(args, notify=lambda line: print(line, file=sys.stderr))
     except (DataError, MemberError, MisalignedError) as error:
         print(f"ensemble-eval: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a store that cannot be reached or read: endpoint, network, credentials
         print(f"ensemble-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    if evaluation is not None:  # the main worker
+        report = evaluation.report
+        print(render_markdown(report))
+        print(f"ensemble-eval: {report['samples']} images, {len(report['members'])} members in "
+              f"{report['seconds']:.1f}s on {report['device']} ({report['workers']} worker(s)); wrote "
+              f"{evaluation.out}/report.json, report.md, accuracy_vs_members.png, predictions.parquet")
+    return 0

@@ -1,24 +1,34 @@
 """Stream several aligned sub-datasets in lockstep, batch by batch (docs/format.md, "Alignment").
 
 Sample i of the concatenated val shards is the same image in every sub-dataset. Each stream reads
-its shards one at a time (local paths or object-store URIs, through the trainer's ``train.storage``
-and ``train.shards``), so the val set is never held in memory. Every batch checks that all streams
-hold the same keys and labels and stops with a one-line ``MisalignedError`` naming the first
-difference. A stream given its shards' SHA-256s (shards.parquet) checks each shard against them,
-so a sub-dataset's shard replaced by another's (same keys, other images) stops the evaluation too.
-A sample that cannot be decoded in any stream is dropped from all of them (and counted in
-``skipped``), so the members always see the same images.
+its shards one after another as byte streams (local paths or object-store URIs, through
+``train.storage.open_stream`` and ``train.shards.stream_samples``): a stream holds its read-ahead
+buffer and the current sample, never a whole shard, whatever the shard's size. Every batch checks
+that all streams hold the same keys and labels and stops with a one-line ``MisalignedError`` naming
+the first difference. A stream given its shards' SHA-256s (shards.parquet) hashes each shard as it
+reads it and checks the digest at the shard's end, so a sub-dataset's shard replaced by another's
+(same keys, other images) stops the evaluation too (batches of that shard already yielded are
+discarded by the caller with everything else). A sample that cannot be decoded in any stream is
+dropped from all of them (and counted in ``skipped``), so the members always see the same images.
+
+``prefetch`` runs the reading and decoding in a background thread, a bounded number of batches
+ahead, so they overlap the members' forward passes (JPEG decoding and torch both release the GIL).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO, TypeVar
 
 import numpy as np
-from subspectral.train.shards import CorruptShard, Sample, decode_into, iter_samples, to_sample
-from subspectral.train.storage import read_bytes
+from subspectral.train.shards import CorruptShard, Sample, decode_into, stream_samples, to_sample
+from subspectral.train.storage import open_stream
+
+T = TypeVar("T")
 
 
 class MisalignedError(ValueError):
@@ -57,30 +67,51 @@ class _Entry:
     key: str
     sample: Sample | None  # None: no label or image member that parses
     where: str  # shard URI and position, for messages
-    foreign: str | None = None  # why its shard is not the one prepared for this stream; None when it is
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # object-store errors can span lines
+
+
+class _ForeignShard(MisalignedError):
+    """A shard whose SHA-256 differs from the one prepared for its stream (known at the shard's end)."""
+
+
+class _Hashing:
+    """``stream``'s ``read`` with every byte read fed to a SHA-256."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """The digest of the whole file: what the tar reader left unread (end-of-archive blocks) read too."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
 
 
 def _read_stream(stream: Stream) -> Iterator[_Entry]:
     for shard_index, uri in enumerate(stream.shards):
         try:
-            buffer = read_bytes(uri)
+            with open_stream(uri) as handle:
+                source = _Hashing(handle)
+                for position, (key, parts) in enumerate(stream_samples(source)):
+                    yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}")
+                foreign = stream.sha256 is not None and source.hexdigest() != stream.sha256[shard_index]
         except FileNotFoundError as error:
             raise MisalignedError(f"{stream.name}: shard missing: {uri}") from error
-        except OSError as error:
-            raise MisalignedError(f"{stream.name}: cannot read {uri}: {error}") from error
-        foreign = None
-        if stream.sha256 is not None and hashlib.sha256(buffer).hexdigest() != stream.sha256[shard_index]:
-            foreign = (f"{stream.name}: {uri} is not the shard prepared for {stream.name} (its SHA-256 differs "
-                       "from shards.parquet): replaced by another sub-dataset's or modified")
-        entries = 0
-        try:
-            for position, (key, parts) in enumerate(iter_samples(buffer)):
-                entries += 1
-                yield _Entry(shard_index, key, to_sample(key, parts), f"{uri} sample {position}", foreign)
         except CorruptShard as error:
-            raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {error}") from error
-        if foreign and not entries:
-            raise MisalignedError(foreign)
+            raise MisalignedError(f"{stream.name}: corrupt shard {uri}: {_one_line(error)}") from error
+        except OSError as error:
+            raise MisalignedError(f"{stream.name}: cannot read {uri}: {_one_line(error)}") from error
+        if foreign:
+            raise _ForeignShard(f"{stream.name}: {uri} is not the shard prepared for {stream.name} (its SHA-256 "
+                                "differs from shards.parquet): replaced by another sub-dataset's or modified")
 
 
 def _check_aligned(names: Sequence[str], rows: Sequence[Sequence[_Entry]]) -> None:
@@ -115,7 +146,11 @@ class Lockstep:
         while True:
             rows: list[list[_Entry]] = [[] for _ in self.streams]
             for _ in range(self.batch_size):
-                entries = [next(reader, None) for reader in readers]
+                try:
+                    entries = [next(reader, None) for reader in readers]
+                except _ForeignShard:
+                    _check_aligned(names, rows)  # first: differing keys name the cause more precisely
+                    raise
                 ended = [name for name, entry in zip(names, entries, strict=True) if entry is None]
                 if ended and len(ended) < len(entries):
                     longer = next(entry for entry in entries if entry is not None)
@@ -129,10 +164,7 @@ class Lockstep:
                     row.append(entry)
             if not rows[0]:
                 return
-            _check_aligned(names, rows)  # first: differing keys name the cause more precisely than a digest
-            foreign = next((entry.foreign for row in rows for entry in row if entry.foreign), None)
-            if foreign:
-                raise MisalignedError(foreign)
+            _check_aligned(names, rows)
             yield rows
 
     def __iter__(self) -> Iterator[LockstepBatch]:
@@ -155,3 +187,54 @@ class Lockstep:
                 images=[buffer if decoded.all() else buffer[decoded] for buffer in images],
                 shards=np.array([entry.shard for entry in kept], dtype=np.int64),
             )
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` produced in a background thread, at most ``depth`` ahead of the consumer (0: in the
+    caller's thread). An exception in the producer is raised here, at the item where it happened;
+    leaving the loop early stops the producer and closes ``items``."""
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer((_END, error))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="lockstep-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
