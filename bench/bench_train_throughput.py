@@ -60,11 +60,12 @@ def loader_rate(view: Path, shard: int, recipe, workers: int, pin: bool) -> floa
 
 def compute_rate(recipe, card, device: str, steps: int = 20) -> float:
     import torch
+    from subspectral.train.config import resolve_stem
     from subspectral.train.engine import autocast_dtype
     from subspectral.train.models import create_model
 
     spec = recipe.model
-    model = create_model(spec.name, card.num_classes, stem=spec.stem).to(device)
+    model = create_model(spec.name, card.num_classes, stem=resolve_stem(spec.stem, card.size)).to(device)
     amp = autocast_dtype(recipe.train, torch.device(device)) is not None  # train.amp: auto | true | false
     if device == "cuda" and recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -41,11 +41,20 @@ class DecodedImage:
     height: int
 
 
+DEFAULT_MIN_SIDE = 32
+
+
 @dataclass(frozen=True)
 class SizeLimits:
-    min_side: int = 32
+    min_side: int = DEFAULT_MIN_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # checked by the reader, before decoding
+
+    @classmethod
+    def for_side(cls, side: int) -> SizeLimits:
+        """The default limits for images resized to ``side``×``side``: an image that is at least that
+        large is never too small (Fashion-MNIST's 28×28 at S = 28), and larger targets keep 32 px."""
+        return cls(min_side=min(DEFAULT_MIN_SIDE, side))
 
 
 MinimumSize = Callable[[int, int], tuple[int, int]]

@@ -660,6 +660,10 @@ def format_summary(summary: dict) -> str:
     if counts["rejected_by_reason"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
                      + "  (see rejects.parquet)")
+        if counts["rejected_by_reason"].get("too_small"):
+            lines.append(f"  too_small: shorter side under --min-side {summary['min_side']} px "
+                         f"(images are resized to {summary['image_size']}×{summary['image_size']}; "
+                         "a lower --min-side keeps smaller ones, upscaled)")
     for field, option in (("min_per_class", "--min-per-class"), ("val_per_class", "--val-per-class")):
         short = counts["short_classes"][field]
         if short:
@@ -682,9 +686,11 @@ def _human(size: float) -> str:
 
 
 def read_table(loc: Location) -> pa.Table:
+    # One thread: these tables are small, and a read on Arrow's thread pool can abort the process at exit
+    # ("terminate called without an active exception", apache/arrow#34314; seen in 3 of 47 serial runs here).
     filesystem, path = loc.resolve()
     with filesystem.open_input_file(path) as handle:
-        return pq.read_table(handle)
+        return pq.read_table(handle, use_threads=False)
 
 
 def write_table(loc: Location, table: pa.Table) -> None:

@@ -30,6 +30,7 @@ import ctypes
 import os
 import re
 import sys
+from dataclasses import replace
 
 DEFAULTS = {
     "split": 36,
@@ -45,7 +46,7 @@ DEFAULTS = {
     "shard_bytes": "256MB",
     "seed": 0,
     "layout": "auto",
-    "min_side": 32,
+    "min_side": None,  # min(32, S): see SizeLimits.for_side
     "max_reject_fraction": 0.5,
     "max_file_mb": 256,  # = decode.DEFAULT_MAX_FILE_BYTES
 }
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split_group.add_argument("--quality", type=int, default=d["quality"],
                              help="JPEG/WebP quality, 1-100 (default: %(default)s)")
     split_group.add_argument("--min-side", type=int, default=d["min_side"], metavar="PX",
-                             help="reject images whose shorter side is under this (default: %(default)s)")
+                             help="reject images whose shorter side is under this (default: 32, or S = sqrt(N)·size "
+                                  "when that is smaller, so images of at least S×S are always kept)")
     split_group.add_argument("--max-file-mb", type=float, default=d["max_file_mb"], metavar="MIB",
                              help="reject input files larger than this many MiB, unread; the size of an image at "
                                   "the decompression-bomb limit (89.5 Mpx) in uncompressed RGB "
@@ -153,9 +155,12 @@ def options_from_args(args: argparse.Namespace):
         sources = (location(sample_corpus()).uri,)
         val_per_class = DEFAULTS["sample_val_per_class"] if args.val_per_class is None else args.val_per_class
     image_format = args.format or ("dctz" if args.transform == "dct" else "jpg")
-    limits = SizeLimits(min_side=args.min_side, max_file_bytes=int(args.max_file_mb * 2**20))
+    max_file_bytes = int(args.max_file_mb * 2**20)
+    limits = None if args.min_side is None else SizeLimits(min_side=args.min_side, max_file_bytes=max_file_bytes)
     spec = SampleSpec(split=args.split, size=args.size, resize_mode=args.resize_mode, transform=args.transform,
                       image_format=image_format, quality=args.quality, limits=limits, sample_json=args.sample_json)
+    if limits is None:  # the spec's default min(32, S), with the file-size limit given here
+        spec = replace(spec, limits=replace(spec.limits, max_file_bytes=max_file_bytes))
     plan = PlanOptions(shard_size=args.shard_size, seed=args.seed, val_per_class=val_per_class,
                        min_per_class=args.min_per_class, shard_bytes=args.shard_bytes)
     return PrepareOptions(sources=sources, out=location(args.out).uri, layout=args.layout, spec=spec, plan=plan,

@@ -15,7 +15,7 @@ import io
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -45,8 +45,12 @@ class SampleSpec:
     transform: str = "none"
     image_format: str = "jpg"
     quality: int = 95
-    limits: SizeLimits = field(default_factory=SizeLimits)
+    limits: SizeLimits | None = None  # None: SizeLimits.for_side(image_size)
     sample_json: bool = False  # also write KEY.json (class, source, original size) beside each image
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            object.__setattr__(self, "limits", SizeLimits.for_side(self.image_size))
 
     @property
     def grid(self) -> int:

@@ -36,8 +36,13 @@ def test_two_workers_merge_to_the_single_process_result(tmp_path: Path, launch) 
     card = make_dataset(data, images, labels, num_classes=5, shard_size=3)  # 4 shards: 3 + 3 + 3 + 2
     for shard, top1 in [(0, 40.0), (1, 60.0), (3, 50.0)]:
         make_torch_run(runs, card, shard, top1, str(data), seed=shard)
+    # A split-1 baseline of the same keys, tested with 10 crops and with one: both sets of counters are summed.
+    full = tmp_path / "full"
+    full_card = make_dataset(full, rng.integers(0, 256, (1, 11, 32, 32, 3), dtype=np.uint8), labels,
+                             num_classes=5, shard_size=3)
+    baseline = make_torch_run(tmp_path / "runs-full", full_card, 0, 45.0, str(full), seed=7)
     command = ["cli.py", "ensemble-eval", "--data", str(data), "--runs", str(runs), "--device", "cpu",
-               "--batch-size", "2"]
+               "--batch-size", "2", "--baseline", str(baseline), "--ten-crop"]
     single = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
@@ -46,8 +51,9 @@ def test_two_workers_merge_to_the_single_process_result(tmp_path: Path, launch) 
 
     one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
     assert two["workers"] == 2 and one["workers"] == 1
-    for key in ("samples", "members", "methods", "accuracy_vs_members", "mean_member", "missing"):
+    for key in ("samples", "members", "methods", "accuracy_vs_members", "mean_member", "missing", "baseline"):
         assert one[key] == two[key], key
+    assert two["baseline"]["ten_crop"] and set(two["baseline"]["one_crop"]) == {"top1", "top5"}
     assert one["samples"] == 11
     rows_one = pq.read_table(tmp_path / "one" / "predictions.parquet")
     assert rows_one.equals(pq.read_table(tmp_path / "two" / "predictions.parquet"))

@@ -278,6 +278,60 @@ def test_baseline_must_come_from_a_split_1_dataset(stage, capsys) -> None:
     assert "with split 4, not 1" in capsys.readouterr().err
 
 
+# final.json cost fields per shard, as the trainer writes them (sub-03 is missing from the stage).
+COSTS = {shard: {"parameters": 1000 + shard, "parameter_bytes": 4 * (1000 + shard), "train_seconds": 60.0 * (shard + 1),
+                 "peak_rss_bytes": 2**20 * (100 + 10 * shard)} for shard in OWN_TOP1}
+
+
+def _add_costs(run_dir: Path, cost: dict) -> None:
+    final = json.loads((run_dir / "final.json").read_text())
+    (run_dir / "final.json").write_text(json.dumps({**final, **cost}))
+
+
+def test_report_carries_accuracy_size_and_training_time_side_by_side(stage, baseline_run) -> None:
+    data, runs, _ = stage
+    for shard, cost in COSTS.items():
+        _add_costs(runs / f"sub-{shard:02d}", cost)
+    _add_costs(baseline_run, {"parameters": 4000, "parameter_bytes": 16000, "train_seconds": 7200.0,
+                              "peak_rss_bytes": 300 * 2**20})
+    assert run_stage(data, runs, "--baseline", str(baseline_run), "--ten-crop") == 0
+    report = json.loads((runs / "ensemble" / "report.json").read_text())
+    for row in report["members"]:
+        cost = COSTS[row["shard"]]
+        assert (row["parameters"], row["train_seconds"], row["peak_rss_bytes"]) == (
+            cost["parameters"], cost["train_seconds"], cost["peak_rss_bytes"])
+        assert row["size_mb"] == cost["parameter_bytes"] / 2**20
+    ensemble, mean = report["cost"]["ensemble"], report["cost"]["mean_member"]
+    assert ensemble["parameters"] == sum(c["parameters"] for c in COSTS.values())
+    assert ensemble["train_seconds"] == 60 + 120 + 180  # serial: one machine trains them in turn
+    assert ensemble["train_seconds_max"] == 180  # parallel: one machine per member
+    assert ensemble["peak_rss_bytes"] == 2**20 * 120  # the largest member
+    assert mean["train_seconds"] == pytest.approx(120) and mean["parameters"] == pytest.approx(1001)
+    assert report["cost"]["baseline"] == {"parameters": 4000, "size_mb": 16000 / 2**20, "train_seconds": 7200.0,
+                                          "peak_rss_bytes": 300 * 2**20}
+    # 10-crop and the single crop both, each recomputable from predictions.parquet.
+    rows = pq.read_table(runs / "ensemble" / "predictions.parquet").to_pylist()
+    for column, accuracy in (("baseline_topk", report["baseline"]), ("baseline_one_crop_topk",
+                                                                      report["baseline"]["one_crop"])):
+        assert accuracy["top1"] == pytest.approx(sum(r[column][0] == r["label"] for r in rows) / len(rows))
+    markdown = (runs / "ensemble" / "report.md").read_text()
+    assert "| baseline split 1 | 57.00 |" in markdown and "| baseline split 1 (10-crop) |" in markdown
+    assert "| baseline split 1 (10-crop) | 42.86 | 4,000 | 0.02 | 2.00 h | 300 MiB |" in markdown
+    assert "| member sub-02 | " in markdown and "| 1,002 | 0.00 | 3.0 min | 120 MiB |" in markdown
+    assert "| **ensemble: geo (p = 0.3)**, 3 members | **71.43** | 1,001 × 3 | 0.00 × 3 " \
+           "| 6.0 min serial, 3.0 min parallel | 120 MiB |" in markdown
+
+
+def test_runs_without_cost_fields_report_none(stage) -> None:
+    data, runs, _ = stage  # final.json as written before the trainer recorded costs: top1 and top5 only
+    assert run_stage(data, runs) == 0
+    report = json.loads((runs / "ensemble" / "report.json").read_text())
+    assert report["cost"]["ensemble"] == {"parameters": None, "size_mb": None, "train_seconds": None,
+                                          "peak_rss_bytes": None, "train_seconds_max": None}
+    assert report["cost"]["baseline"] is None
+    assert "| mean member | 52.38 | — | — | — | — |" in (runs / "ensemble" / "report.md").read_text()
+
+
 class _Evil:
     """Unpickling this runs a command: what a malicious checkpoint carries."""
 

@@ -25,7 +25,7 @@ RECIPE = ("--config", "sample", "--no-progress", "data.batch_size=50", "optimize
           "optimizer.weight_decay=0.0001", "schedule.warmup_epochs=0", "train.label_smoothing=0.0")
 MS = ("--backend", "mindspore")
 TORCH_METRIC_KEYS = {"epoch", "lr", "train_loss", "train_images", "steps", "seconds", "images_per_s", "skipped",
-                     "val_loss", "top1", "top5", "val_samples", "val_skipped"}
+                     "val_loss", "top1", "top5", "val_samples", "val_skipped", "epoch_seconds", "peak_rss_bytes"}
 
 
 def _train(data: Path, out: Path, shard: int, *extra: str, options: tuple[str, ...] = (),
@@ -52,6 +52,14 @@ def test_graph_mode_learns_above_chance_in_the_torch_run_layout(graph_run):
     assert [line["epoch"] for line in lines] == [1, 2]
     assert set(lines[-1]) == TORCH_METRIC_KEYS and lines[-1]["steps"] == 10
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    # The cost fields of the torch backend, counted the same way.
+    from subspectral.train.models import create_model
+
+    torch_twin = create_model(run["model"]["name"], 10, stem=run["model"]["stem"])
+    assert final["parameters"] == sum(p.numel() for p in torch_twin.parameters())
+    assert final["parameter_bytes"] == 4 * final["parameters"]
+    assert final["train_seconds"] == sum(line["epoch_seconds"] for line in lines)
+    assert final["peak_rss_bytes"] == max(line["peak_rss_bytes"] for line in lines)
     for name in ("config.yaml", "last.ckpt", "best.ckpt", "final.ckpt", "tb"):
         assert (graph_run / name).exists(), name
     assert not [p for p in graph_run.iterdir() if p.name.startswith(".")]  # no temporary checkpoint left

@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from conftest import REPO, run_cli
+from conftest import REPO, photo_like, run_cli
 from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder, jpeg
 from PIL import Image
+from subspectral.pipeline.decode import SizeLimits
 from subspectral.pipeline.decompose import dct_inverse
 from subspectral.pipeline.plan import PlanOptions
 from subspectral.pipeline.prepare import PrepareOptions, prepare, reject_failure
@@ -363,3 +364,40 @@ def test_cli_shard_size_follows_the_target_tar_size(sample_root, tmp_path):
     assert recorded["estimate"]["samples"] == 32
     full = [path.stat().st_size for path in sorted((out / "sub-00").glob("train-*.tar"))][:-1]
     assert len(full) >= 2 and all(0.75 * 400_000 < size < 1.25 * 400_000 for size in full), full
+
+
+def test_images_of_at_least_s_by_s_are_kept_by_default(tmp_path):
+    # Fashion-MNIST-sized 28x28 images at S = 2 x 14: the old default (--min-side 32) rejected all of them.
+    import argparse
+
+    from subspectral.pipeline import prepare_cli
+
+    src = tmp_path / "small"
+    for c in range(2):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(photo_like(28, 28, seed=10 * c + i)[..., 0], "L").save(src / f"class{c}" / f"i{c}{i}.png")
+    parser = argparse.ArgumentParser()
+    prepare_cli.add_arguments(parser)
+
+    def cli_prepare(out: str, *extra: str) -> tuple[dict, list[str]]:
+        args = parser.parse_args(["--src", str(src), "--out", str(tmp_path / out), "--split", "4", "--size", "14",
+                                  "--format", "png", *extra])
+        lines: list[str] = []
+        prepare(prepare_cli.options_from_args(args), num_workers=1, ray_address=None, dry_run=False,
+                executor="serial", log=lines.append)
+        return json.loads((tmp_path / out / "dataset.json").read_text()), lines
+
+    card, _ = cli_prepare("sub4")
+    assert card["counts"]["written"] == 6 and card["counts"]["rejected"] == 0
+    assert card["min_side"] == 28  # min(32, S)
+    # Asked for explicitly, a larger minimum rejects them, and the summary says which option did it.
+    card, lines = cli_prepare("strict", "--min-side", "32")
+    assert card["counts"]["rejected_by_reason"] == {"too_small": 6}
+    assert "too_small: shorter side under --min-side 32 px" in lines[-1]
+
+
+def test_default_min_side_is_unchanged_for_large_targets():
+    assert SampleSpec(split=36, size=56).limits.min_side == 32  # S = 336
+    assert SampleSpec(split=1, size=28).limits.min_side == 28
+    assert SampleSpec(split=16, size=7, limits=SizeLimits(min_side=5)).limits.min_side == 5

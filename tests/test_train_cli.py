@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def test_run_folder_follows_the_layout(sample_run, prepared_sample):
     validated = [line for line in lines if "top1" in line]
     best_line = max(validated, key=lambda line: line["top1"])  # the first of equal maxima, as the trainer keeps
     assert best["epoch"] + 1 == best_line["epoch"] and best["best_top1"] == best_line["top1"]
+
+
+def test_final_json_records_size_training_time_and_peak_memory(sample_run):
+    final = json.loads((sample_run / "final.json").read_text())
+    model, _ = load_trained_model(sample_run)
+    assert final["parameters"] == sum(p.numel() for p in model.parameters()) == 11_181_642  # resnet18, 10 classes
+    assert final["parameter_bytes"] == 4 * final["parameters"]
+    lines = [json.loads(line) for line in (sample_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["epoch_seconds"] >= line["seconds"] > 0 for line in lines)  # training, then validation
+    assert final["train_seconds"] == sum(line["epoch_seconds"] for line in lines)
+    # The resident set of the training process: torch alone takes well over 100 MB; bounded by the machine.
+    assert final["peak_rss_bytes"] == max(line["peak_rss_bytes"] for line in lines)
+    assert 100 * 2**20 < final["peak_rss_bytes"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_best_is_a_link_that_keeps_its_content_when_last_moves_on(tmp_path):

@@ -63,7 +63,10 @@ def test_overrides_apply_with_types():
     ("optimiser.lr=0.1", "unknown recipe section 'optimiser'"),
     ("optimizer.lr=fast", "optimizer.lr must be a number"),
     ("data.batch_size=1.5", "data.batch_size must be an integer"),
-    ("model.stem=tiny", "model.stem must be one of imagenet, lowres"),
+    ("model.stem=tiny", "model.stem must be one of auto, imagenet, lowres"),
+    ("data.crop_padding=1.5", "data.crop_padding must be pixels"),
+    ("data.crop_padding=-2", "data.crop_padding must be pixels"),
+    ("data.crop_padding=true", "data.crop_padding must be pixels"),
     ("train.amp=cpu", "train.amp must be true, false or auto, got 'cpu'"),
     ("train.amp=1", "train.amp must be true, false or auto, got 1"),
     ("train.compile_backend=tvm", "train.compile_backend must be one of inductor, aot_eager, eager"),
@@ -83,6 +86,24 @@ def test_unknown_yaml_key_and_recipe_are_refused(tmp_path):
     path.write_text("model:\n  name: resnet34\nschedule:\n  epochs: 3\n")
     recipe = load_recipe(str(path))
     assert (recipe.name, recipe.model.name, recipe.schedule.epochs) == ("mine", "resnet34", 3)
+
+
+def test_crop_padding_takes_pixels_or_a_fraction_of_the_side():
+    assert apply_overrides(load_recipe("sample"), ["data.crop_padding=3"]).data.crop_padding == 3
+    assert apply_overrides(load_recipe("sample"), ["data.crop_padding=0.125"]).data.crop_padding == 0.125
+    assert apply_overrides(load_recipe("sample"), ["data.crop_padding=2.0"]).data.crop_padding == 2  # pixels
+
+
+def test_small_recipe_picks_stem_and_padding_from_the_size_and_the_others_are_unchanged_at_56():
+    from subspectral.train.stream import padding_pixels
+
+    small = load_recipe("small")
+    assert small.model.stem == "auto" and small.data.crop_padding == 0.125
+    # The seed recipes keep the source's 4 px at 56 (default 4/56 of the side); sample sets 4 px itself.
+    for name in SEED_RECIPES:
+        recipe = load_recipe(name)
+        assert padding_pixels(recipe.data.crop_padding, 56) == 4, name
+        assert recipe.model.stem in ("imagenet", "lowres"), name
 
 
 @pytest.mark.parametrize("override, message", [

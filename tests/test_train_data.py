@@ -25,6 +25,7 @@ from subspectral.train.stream import (
     StreamStats,
     TrainStream,
     augment,
+    padding_pixels,
     piece_samples,
     piece_source,
     pieces_for_slot,
@@ -205,6 +206,26 @@ def test_incomplete_dataset_and_bad_shard_are_refused(prepared_sample, tmp_path)
     (tmp_path / "dataset.json").write_text(json.dumps(card.to_json()))
     with pytest.raises(DataError, match="sub-dataset 0 is missing"):
         shard_uris(str(tmp_path), card, 0, "train")
+
+
+@pytest.mark.parametrize("padding, side, pixels", [
+    (4, 7, 4), (0, 28, 0),  # integers are pixels, at every size
+    (0.125, 7, 1), (0.125, 14, 2), (0.125, 28, 4), (0.125, 32, 4), (0.125, 56, 7),  # fractions of the side
+    (4 / 56, 56, 4), (4 / 56, 7, 1), (4 / 56, 28, 2), (4 / 56, 112, 8),  # the default: 4 px at 56
+    (0.01, 7, 1),  # a fraction above 0 pads at least 1 px
+])
+def test_padding_pixels(padding, side, pixels):
+    assert padding_pixels(padding, side) == pixels
+
+
+def test_default_pad_crop_keeps_a_7px_image_on_the_canvas():
+    # 4 px of zero padding on a 7x7 image shifted most of it off the canvas; the default scales with the side.
+    images = np.random.default_rng(0).integers(1, 256, (200, 7, 7, 3), dtype=np.uint8)
+    out = augment(images, DataConfig(hflip=False), np.random.default_rng(5))
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for i in range(len(images)):  # each output is one 7x7 window of the image padded by 1 px
+        assert any(np.array_equal(out[i], padded[i, y:y + 7, x:x + 7]) for y in range(3) for x in range(3)), i
+    assert (out > 0).mean() > 0.7
 
 
 def _usable_head(tar: Path, cut: int) -> int:

@@ -49,5 +49,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(prepared_sample, tmp_pa
         assert torch.equal(whole[name], resumed[name]), name
     metrics = [json.loads(line) for line in (killed / "sub-04" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in metrics] == [1, 2]
+    # The training time covers both processes' epochs, not only the resumed one's.
+    final = json.loads((killed / "sub-04" / "final.json").read_text())
+    assert final["train_seconds"] == metrics[0]["epoch_seconds"] + metrics[1]["epoch_seconds"]
+    assert final["peak_rss_bytes"] == max(line["peak_rss_bytes"] for line in metrics)
     # Resuming a finished member is a no-op that reports it.
     assert "top1" in run_cli("train", *data, "--out", str(killed), "--resume", *ARGS).stdout

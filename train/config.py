@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # a key of train.models.MODEL_BUILDERS
-    stem: str = "lowres"  # imagenet: 7x7/2 conv + max-pool; lowres: 3x3/1 conv, no max-pool
+    stem: str = "auto"  # imagenet: 7x7/2 conv + max-pool; lowres: 3x3/1 conv, no max-pool; auto: by input size
     head: str = "linear"  # linear | ebv
     ebv_dim: int | None = None  # EBV dimension d; None: d = number of classes
     ebv_tau: float = 0.07
@@ -43,7 +43,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held for shuffling (0: stream order)
     shuffle_shards: bool = True
     crop: str = "pad"  # none | pad (random crop after zero padding) | resized (random resized crop)
-    crop_padding: int = 4
+    # Pixels (an integer), or a fraction of the sub-image side (below 1); the default is the source's 4 px
+    # at 56 px, which scales with the side: 1 px at 7 or 14, 2 at 28, 8 at 112.
+    crop_padding: int | float = 4 / 56
     resized_scale: float = 0.35  # smallest area fraction of the random resized crop
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # of x/255, like the source
@@ -105,8 +107,22 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Largest sub-image side for which model.stem=auto picks the lowres stem (the source method's stem for
+# its 56 and 112 px members). With it a network ends on a side/8 grid, with the imagenet stem on side/32;
+# up to 112 px the lowres grid is the nearer to torchvision's 7x7 at 224 (14 against 3.5 at 112).
+AUTO_LOWRES_MAX_SIDE = 112
+STEMS = ("imagenet", "lowres")
+
+
+def resolve_stem(stem: str, side: int) -> str:
+    """``auto`` → ``lowres`` for sub-images up to AUTO_LOWRES_MAX_SIDE px, ``imagenet`` above; others unchanged."""
+    if stem == "auto":
+        return "lowres" if side <= AUTO_LOWRES_MAX_SIDE else "imagenet"
+    return stem
+
+
 CHOICES = {
-    "model.stem": ("imagenet", "lowres"),
+    "model.stem": ("auto", *STEMS),
     "model.head": ("linear", "ebv"),
     "data.crop": ("none", "pad", "resized"),
     "optimizer.name": ("sgd", "adamw"),
@@ -116,6 +132,9 @@ CHOICES = {
 }
 # Keys that take true, false or one of these words.
 SWITCHES = {"train.amp": ("auto",)}
+
+# Keys that take pixels (an integer >= 0) or a fraction of the sub-image side (a number in (0, 1)).
+PIXELS_OR_FRACTION = {"data.crop_padding"}
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,8 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path} may not be null")
+    if path in PIXELS_OR_FRACTION:
+        return _pixels_or_fraction(path, value)
     if path in SWITCHES:
         if isinstance(value, bool) or value in SWITCHES[path]:
             return value
@@ -216,6 +237,16 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     value = str(value)
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
+    return value
+
+
+def _pixels_or_fraction(path: str, value: Any) -> int | float:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+            (isinstance(value, float) and value >= 1):
+        raise ConfigError(f"{path} must be pixels (an integer >= 0) or a fraction of the sub-image side "
+                          f"(a number below 1, e.g. 0.125), got {value!r}")
     return value
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from subspectral.schemas import DatasetCard
+from subspectral.train import peak_memory
 from subspectral.train.config import ConfigError, Recipe, check_recipe, dump_yaml
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import (
@@ -105,6 +106,17 @@ def truncate_metrics(run_dir: Path, kept_epochs: int) -> None:
         lines = [line for line in path.read_text().splitlines(keepends=True)
                  if line.strip() and json.loads(line)["epoch"] <= kept_epochs]
         write_text(path, "".join(lines))
+
+
+def cost_from_metrics(metrics: Path) -> dict[str, Any]:
+    """final.json's cost fields from metrics.jsonl, whose lines cover every epoch of the run, resumed
+    segments included: ``train_seconds`` (training and validation of all epochs) and ``peak_rss_bytes``
+    (the largest resident set of the training process in any epoch, see ``train.peak_memory``)."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.exists() else []
+    peaks = [line["peak_rss_bytes"] for line in lines if "peak_rss_bytes" in line]
+    return {"train_seconds": sum(line.get("epoch_seconds", line["seconds"]) for line in lines),
+            "peak_rss_bytes": max(peaks) if peaks else None}
 
 
 class EpochLog:
@@ -202,7 +214,8 @@ class MemberTraining(ABC):
 
     @abstractmethod
     def final_fields(self) -> dict[str, Any]:
-        """The backend's own fields of final.json."""
+        """The backend's own fields of final.json: ``ema``, and ``parameters`` and ``parameter_bytes`` of the
+        evaluated weights (trainable parameters, as torchvision counts them)."""
 
     @abstractmethod
     def wait_for_ranks(self) -> None:
@@ -286,13 +299,16 @@ class MemberTraining(ABC):
         log = EpochLog(self.run_dir, prefix) if plan.main else None
         last_eval: dict[str, Any] = {}
         skipped, saved = 0, start_epoch
-        started = time.perf_counter()
+        peak_memory.reset_peak()  # members trained in turn in one process each get their own peak
         for epoch in range(start_epoch, plan.epochs):
+            started = time.perf_counter()
             line: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(epoch, plan, saved)}
             skipped = line["skipped"]
             if plan.validates and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs):
                 last_eval = self._validate()
                 line.update(last_eval)
+            line["epoch_seconds"] = time.perf_counter() - started
+            line["peak_rss_bytes"] = peak_memory.peak_bytes()
             if log is not None:
                 log.write(line)
                 improved = "top1" in line and line["top1"] > best_top1
@@ -311,4 +327,4 @@ class MemberTraining(ABC):
                     "val_loss": last_eval.get("val_loss"), "val_samples": last_eval.get("val_samples", 0),
                     "val_skipped": last_eval.get("val_skipped", 0), "best_top1": best_top1 if plan.validates else None}
         return {**measured, "validated": plan.validates, "train_skipped": skipped, "epochs": plan.epochs,
-                "train_seconds": time.perf_counter() - started}
+                **cost_from_metrics(self.run_dir / METRICS_FILE)}

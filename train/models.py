@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torchvision.models as tvm
 from subspectral.schemas import ModelSpec
+from subspectral.train.config import STEMS
 from subspectral.train.ebv import EBVHead, generate_ebv
 from torch import nn
 
@@ -105,8 +106,8 @@ def create_model(name: str, num_classes: int, *, stem: str = "lowres", head: str
     """Build a member network. With ``head='ebv'`` the basis is ``ebv_basis`` if given, else generated."""
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_BUILDERS)}")
-    if stem not in ("imagenet", "lowres"):
-        raise ValueError(f"unknown stem {stem!r}; use imagenet or lowres")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; use imagenet or lowres (resolve auto with resolve_stem)")
     net = MODEL_BUILDERS[name](weights=None, num_classes=num_classes)
     lowres, locate_fc = _FAMILIES[_family(name)]
     if stem == "lowres":

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from subspectral.schemas import DatasetCard, InputConstants, ModelSpec, RunRecord
-from subspectral.train.config import ConfigError, Recipe
+from subspectral.train.config import ConfigError, Recipe, resolve_stem
 from subspectral.train.storage import absolute_uri
 
 BASIS_FILE = "ebv_basis.safetensors"
@@ -149,7 +149,8 @@ def run_record(job: MemberJob, card: DatasetCard, recipe: Recipe, backend: str,
                mindspore: dict[str, Any] | None = None) -> RunRecord:
     """run.json: everything an evaluator needs to rebuild and feed this member, and the data it trained on."""
     model = recipe.model
-    spec = ModelSpec(name=model.name, stem=model.stem, head=model.head,
+    # run.json records the stem the network is built with, never "auto"
+    spec = ModelSpec(name=model.name, stem=resolve_stem(model.stem, card.size), head=model.head,
                      ebv_dim=(model.ebv_dim or card.num_classes) if model.head == "ebv" else None,
                      ebv_tau=model.ebv_tau, ebv_seed=model.ebv_seed, ebv_threshold=model.ebv_threshold,
                      input=input_constants(card, job.shard, recipe))

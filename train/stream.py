@@ -171,15 +171,24 @@ def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int,
         made += 1
 
 
+def padding_pixels(crop_padding: int | float, side: int) -> int:
+    """``data.crop_padding`` in pixels for a ``side``-pixel image: an integer is pixels; a fraction below 1
+    is that share of the side, rounded half up, and at least 1 px when it is not 0 (0.125 → 1 px at 7,
+    2 at 14, 4 at 28 and 32, 7 at 56)."""
+    if isinstance(crop_padding, float) and crop_padding < 1:
+        return max(1, int(crop_padding * side + 0.5)) if crop_padding > 0 else 0
+    return int(crop_padding)
+
+
 def augment(images: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
     """Random crop (zero padding or resized) and horizontal flip of an N x H x W x C batch."""
     count, height, width, _ = images.shape
     flips = rng.random(count) < 0.5 if config.hflip else np.zeros(count, bool)
-    if config.crop == "pad" and config.crop_padding > 0:
+    pad = padding_pixels(config.crop_padding, min(height, width))
+    if config.crop == "pad" and pad > 0:
         # A random crop of the zero-padded image is the image shifted by (dy, dx) in [-pad, pad] with
         # zeros filled in: one slice copy per sample, no padded copy of the batch. Mirroring after a
         # shift by -dx equals shifting the mirrored image by dx, so the flip runs once, batched.
-        pad = config.crop_padding
         shifts = rng.integers(-pad, pad + 1, size=(count, 2))
         shifts[flips, 1] *= -1
         out = np.zeros_like(images)

@@ -221,7 +221,9 @@ class MemberTrainer(MemberTraining):
         ckpt.save_portable(self.run_dir / PORTABLE_FILE, model, self.meta)
 
     def final_fields(self) -> dict[str, Any]:
-        return {"ema": self.ema is not None}
+        weights = list(self._eval_model().parameters())
+        return {"ema": self.ema is not None, "parameters": sum(p.numel() for p in weights),
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in weights)}
 
 
 def _nothing() -> None:

@@ -85,6 +85,12 @@ class Baseline:
     ten_crop: bool
     info: dict[str, Any]
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Its columns and accuracies: ``baseline`` as tested (10-crop with --ten-crop), and the single
+        crop beside a 10-crop test, so the report compares both."""
+        return ("baseline", "baseline_one_crop") if self.ten_crop else ("baseline",)
+
 
 def parse_members(text: str | None, split: int) -> list[int]:
     from subspectral.train.ensemble.members import MemberError
@@ -120,6 +126,7 @@ def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.d
     """The split-1 member, checked against the ensemble's classes, with its own dataset's val stream."""
     from subspectral.train.ensemble.lockstep import Stream
     from subspectral.train.ensemble.members import MemberError, check_compatible, load_member, read_run
+    from subspectral.train.ensemble.report import member_cost
     from subspectral.train.prepared import read_card, read_shard_table, shard_digests, shard_uris
     from subspectral.train.storage import absolute_uri
 
@@ -134,18 +141,22 @@ def load_baseline(path: Path, card: DatasetCard, ten_crop: bool, device: torch.d
     stream = Stream(f"baseline {data}", shard_uris(data, baseline_card, 0, "val"), baseline_card.sample_shape,
                     baseline_card.dtype, shard_digests(data, baseline_card, read_shard_table(data), 0, "val"))
     info = {"path": absolute_uri(str(path)), "data": data, "ten_crop": ten_crop,
-            "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1}
+            "crop_fraction": TEN_CROP_FRACTION if ten_crop else None, "val_top1_own": run.val_top1,
+            **member_cost(run.final)}
     return Baseline(load_member(run, device), stream, ten_crop, info)
 
 
-def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> torch.Tensor:
+def baseline_logits(baseline: Baseline, images: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Logits per view of ``baseline.views``."""
     import torch
     from subspectral.train.ensemble.fusion import ten_crop
 
+    one_crop = baseline.member.predict(images)
     if not baseline.ten_crop:
-        return baseline.member.predict(images)
+        return {"baseline": one_crop}
     views = ten_crop(torch.from_numpy(images).to(device), TEN_CROP_FRACTION)
-    return torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0)
+    return {"baseline": torch.stack([baseline.member.predict(view) for view in views]).mean(dim=0),
+            "baseline_one_crop": one_crop}
 
 
 def check_labels(keys: list[str], labels: np.ndarray, num_classes: int) -> None:
@@ -161,17 +172,17 @@ def check_labels(keys: list[str], labels: np.ndarray, num_classes: int) -> None:
 
 
 def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tally, writer: PredictionWriter,
-             baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int) -> Hits | None:
+             baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int) -> dict[str, Hits]:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
     Each member's logits are fused as soon as they are computed (``BatchFusion``), so one member's
     ``[B, C]`` logits are held at a time, not all M. ``batches`` hold the members' streams in order,
-    then the baseline's; returns the baseline's Hits (or None). ``progress`` is a tqdm bar.
+    then the baseline's; returns the baseline's Hits per view (empty without a baseline). ``progress`` is a tqdm bar.
     """
     import torch
     from subspectral.train.ensemble.fusion import BatchFusion, Hits, top_k_classes
 
-    baseline_hits = Hits() if baseline is not None else None
+    baseline_hits = {view: Hits() for view in baseline.views} if baseline is not None else {}
     for batch in batches:
         check_labels(batch.keys, batch.labels, num_classes)
         labels = torch.from_numpy(batch.labels).to(device)
@@ -180,8 +191,9 @@ def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tal
             fusion.add(member.predict(images))
         ranked = fusion.finish()
         if baseline is not None:
-            ranked["baseline"] = top_k_classes(baseline_logits(baseline, batch.images[-1], device), tally.k)
-            baseline_hits.add(ranked["baseline"], labels)
+            for view, logits in baseline_logits(baseline, batch.images[-1], device).items():
+                ranked[view] = top_k_classes(logits, tally.k)
+                baseline_hits[view].add(ranked[view], labels)
         on_host = {name: value.cpu().numpy() for name, value in ranked.items()}
         writer.write(batch.keys, batch.labels, batch.shards, on_host, on_host["members"][:, :, 0])
         progress.update(len(batch.keys))
@@ -214,18 +226,18 @@ def select_runs(
 
 
 def reduce_over_workers(
-    tally: Tally, lockstep: Lockstep, baseline_hits: Hits | None, device: torch.device
+    tally: Tally, lockstep: Lockstep, baseline_hits: dict[str, Hits], device: torch.device
 ) -> None:
     """Sum every counter over the torchrun workers (exact: integers in float64), in place."""
     from subspectral.train.distributed import all_reduce_sum
 
-    extra = [lockstep.skipped] + ([baseline_hits.top1, baseline_hits.topk] if baseline_hits else [])
+    extra = [lockstep.skipped] + [count for hits in baseline_hits.values() for count in (hits.top1, hits.topk)]
     counts = tally.counts()
     summed = [round(v) for v in all_reduce_sum([float(c) for c in counts + extra], device)]
     tally.set_counts(summed[: len(counts)])
     lockstep.skipped = summed[len(counts)]
-    if baseline_hits is not None:
-        baseline_hits.top1, baseline_hits.topk = summed[len(counts) + 1 :]
+    for index, hits in enumerate(baseline_hits.values()):
+        hits.top1, hits.topk = summed[len(counts) + 1 + 2 * index : len(counts) + 3 + 2 * index]
 
 
 def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device, workers: DistInfo,
@@ -245,6 +257,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     from subspectral.train.ensemble.report import (
         PredictionWriter,
         build_report,
+        member_cost,
         merge_prediction_parts,
         write_reports,
     )
@@ -271,7 +284,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     out = args.out or args.runs / "ensemble"
     out.mkdir(parents=True, exist_ok=True)
     part = out / (f"predictions.part{workers.rank:03d}.parquet" if workers.enabled else "predictions.part")
-    writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline is not None,
+    writer = PredictionWriter(part, methods, [folders[r.shard] for r in runs], baseline.views if baseline else (),
                               shard_of=lambda local: workers.rank + workers.world * local)
     total = card.splits["val"].samples
     progress = tqdm(total=total, unit="img", desc="ensemble-eval",
@@ -318,7 +331,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     }
     member_info = [
         {"shard": r.shard, "folder": folders[r.shard], "path": absolute_uri(str(r.path)), "backend": r.backend,
-         "val_top1_own": r.val_top1}
+         "val_top1_own": r.val_top1, **member_cost(r.final)}
         for r in runs
     ]
     baseline_result = None if baseline is None else (baseline.info, baseline_hits)

@@ -29,16 +29,17 @@ def member_column(folder_name: str) -> str:
 
 
 class PredictionWriter:
-    """predictions.parquet: key, label, shard, each method's top-k, each member's top-1 [, baseline]."""
+    """predictions.parquet: key, label, shard, each method's top-k, each member's top-1 [, baseline views]."""
 
-    def __init__(self, path: Path, methods: Sequence[str], member_folders: Sequence[str], baseline: bool,
-                 shard_of: Callable[[np.ndarray], np.ndarray] = np.asarray):
-        """``shard_of`` maps shard indices in the worker's own shard list to the dataset's."""
+    def __init__(self, path: Path, methods: Sequence[str], member_folders: Sequence[str],
+                 baseline_views: Sequence[str] = (), shard_of: Callable[[np.ndarray], np.ndarray] = np.asarray):
+        """``baseline_views``: the baseline's columns (``baseline``, ``baseline_one_crop``); ``shard_of`` maps
+        shard indices in the worker's own shard list to the dataset's."""
         fields = [pa.field("key", pa.string()), pa.field("label", pa.int32()), pa.field("shard", pa.int32())]
         fields += [pa.field(column_name(m), pa.list_(pa.int32())) for m in methods]
         fields += [pa.field(member_column(f), pa.int32()) for f in member_folders]
-        if baseline:
-            fields.append(pa.field(column_name("baseline"), pa.list_(pa.int32())))
+        fields += [pa.field(column_name(view), pa.list_(pa.int32())) for view in baseline_views]
+        self.baseline_views = list(baseline_views)
         self.methods = list(methods)
         self.shard_of = shard_of
         self.member_folders = list(member_folders)
@@ -53,15 +54,14 @@ class PredictionWriter:
         ranked: dict[str, np.ndarray],
         member_top1: np.ndarray,
     ) -> None:
-        """``ranked[method]`` is ``[B, k]`` (and ``ranked["baseline"]`` if any); ``member_top1`` is
-        ``[M, B]`` in the order of ``member_folders``."""
+        """``ranked[method]`` is ``[B, k]`` (and ``ranked[view]`` for each baseline view); ``member_top1``
+        is ``[M, B]`` in the order of ``member_folders``."""
         columns: dict[str, Any] = {
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels.astype(np.int32)),
             "shard": pa.array(self.shard_of(shards).astype(np.int32)),
         }
-        with_baseline = column_name("baseline") in self.schema.names
-        for method in self.methods + (["baseline"] if with_baseline else []):
+        for method in self.methods + self.baseline_views:
             top_k = ranked[method].astype(np.int32)
             offsets = np.arange(0, top_k.size + 1, top_k.shape[1], dtype=np.int32)
             columns[column_name(method)] = pa.ListArray.from_arrays(offsets, top_k.ravel())
@@ -86,17 +86,48 @@ def _accuracy(hits: Hits, samples: int) -> dict[str, float]:
     return {"top1": hits.top1 / samples, "top5": hits.topk / samples}
 
 
+COST_FIELDS = ("parameters", "size_mb", "train_seconds", "peak_rss_bytes")
+
+
+def member_cost(final: dict[str, Any]) -> dict[str, Any]:
+    """A member's size and training cost from its final.json (None where a run predates the field).
+
+    ``size_mb`` is the float32 weights in MB of 2**20 bytes, the unit of the seed's "ResNet-34 83.15 MB"
+    (21.8 M parameters); ``train_seconds`` covers training and validation of every epoch."""
+    size = final.get("parameter_bytes")
+    return {"parameters": final.get("parameters"), "size_mb": None if size is None else size / 2**20,
+            "train_seconds": final.get("train_seconds"), "peak_rss_bytes": final.get("peak_rss_bytes")}
+
+
+def _combine(rows: Sequence[dict[str, Any]], how: Callable[[list[float]], float]) -> dict[str, Any]:
+    """``how`` over the members' cost fields; None when any member lacks one."""
+    out = {}
+    for key in COST_FIELDS:
+        values = [row[key] for row in rows]
+        out[key] = None if not values or None in values else how(values)
+    return out
+
+
+def ensemble_cost(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Cost of the ensemble: parameters and size summed; training time summed (one machine trains the
+    members in turn) and its max (one machine per member); peak memory of the largest member."""
+    summed = _combine(members, sum)
+    largest = _combine(members, max)
+    return {**summed, "train_seconds_max": largest["train_seconds"], "peak_rss_bytes": largest["peak_rss_bytes"]}
+
+
 def build_report(
     tally: Tally,
     members: Sequence[dict[str, Any]],
-    baseline: tuple[dict[str, Any], Hits] | None,
+    baseline: tuple[dict[str, Any], dict[str, Hits]] | None,
     context: dict[str, Any],
 ) -> dict[str, Any]:
     """The report.json content.
 
-    ``members`` (rank order) carry shard, folder, path, backend and val_top1_own (final.json's top1,
-    as the trainer wrote it: percent); ``baseline`` is (its description, its hits); ``context``
-    names the data, runs and options and is stored as given.
+    ``members`` (rank order) carry shard, folder, path, backend, val_top1_own (final.json's top1,
+    as the trainer wrote it: percent) and their ``member_cost``; ``baseline`` is (its description with
+    its ``member_cost``, its hits per view: ``baseline`` as tested, ``baseline_one_crop`` besides 10-crop);
+    ``context`` names the data, runs and options and is stored as given.
     """
     samples = tally.samples
     member_rows = [
@@ -110,6 +141,13 @@ def build_report(
         ]
         for method in tally.methods
     }
+    baseline_row = None
+    if baseline is not None:
+        info, hits = baseline
+        tested = _accuracy(hits["baseline"], samples)
+        one_crop = _accuracy(hits["baseline_one_crop"], samples) if "baseline_one_crop" in hits else tested
+        baseline_row = {**info, **tested, "one_crop": one_crop}
+    costs = [{key: row[key] for key in COST_FIELDS} for row in member_rows]
     return {
         **context,
         "samples": samples,
@@ -120,7 +158,12 @@ def build_report(
         },
         "methods": {method: _accuracy(tally.fused(method), samples) for method in tally.methods},
         "accuracy_vs_members": curve,
-        "baseline": None if baseline is None else {**baseline[0], **_accuracy(baseline[1], samples)},
+        "baseline": baseline_row,
+        "cost": {
+            "mean_member": _combine(costs, lambda values: float(np.mean(values))),
+            "ensemble": ensemble_cost(costs),
+            "baseline": None if baseline is None else {key: baseline[0].get(key) for key in COST_FIELDS},
+        },
     }
 
 
@@ -153,10 +196,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| **ensemble: {label}** | | **{top1}** | **{top5}** |")
     if report["baseline"] is not None:
         base = report["baseline"]
-        lines.append(
-            f"| baseline split 1{' (10-crop)' if base['ten_crop'] else ''} | | {_percent(base['top1'])} "
-            f"| {_percent(base['top5'])} |"
-        )
+        one = base["one_crop"]
+        lines.append(f"| baseline split 1 | {base['val_top1_own']:.2f} | {_percent(one['top1'])} "
+                     f"| {_percent(one['top5'])} |")
+        if base["ten_crop"]:
+            lines.append(f"| baseline split 1 (10-crop) | | {_percent(base['top1'])} | {_percent(base['top5'])} |")
     if report["missing"]:
         lines += ["", f"Missing members (not evaluated): {', '.join(report['missing'])}."]
     methods = list(report["accuracy_vs_members"])
@@ -170,7 +214,71 @@ def render_markdown(report: dict[str, Any]) -> str:
     for n in range(len(report["members"])):
         cells = [_percent(report["accuracy_vs_members"][m][n]["top1"]) for m in methods]
         lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + cost_table(report)) + "\n"
+
+
+def _count(value: float | None, times: int = 1) -> str:
+    if value is None:
+        return "—"
+    text = f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value:,.0f}"
+    return text + (f" × {times}" if times > 1 else "")
+
+
+def _mb(value: float | None, times: int = 1) -> str:
+    return "—" if value is None else f"{value:.2f}" + (f" × {times}" if times > 1 else "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _memory(value: float | None) -> str:
+    return "—" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+def cost_table(report: dict[str, Any]) -> list[str]:
+    """The seed's comparison: accuracy, model size and training time side by side, per model."""
+    lines = [
+        "## Accuracy, size and training time",
+        "",
+        "Size: float32 weights in MB of 2^20 bytes. Training time: training and validation of every epoch, as "
+        "the trainer measured it; for the ensemble summed over members (trained in turn on one machine) and "
+        "the longest member (one machine each). Peak memory: resident set of the training process.",
+        "",
+        "| model | top-1 % | parameters | size MB | training time | peak memory |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    cost = report["cost"]
+    if report["baseline"] is not None:
+        base, base_cost = report["baseline"], cost["baseline"]
+        views = [("baseline split 1", base["one_crop"])]
+        if base["ten_crop"]:
+            views.append(("baseline split 1 (10-crop)", base))
+        for label, accuracy in views:
+            lines.append(f"| {label} | {_percent(accuracy['top1'])} | {_count(base_cost['parameters'])} "
+                         f"| {_mb(base_cost['size_mb'])} | {_duration(base_cost['train_seconds'])} "
+                         f"| {_memory(base_cost['peak_rss_bytes'])} |")
+    for row in report["members"]:
+        lines.append(f"| member {row['folder']} | {_percent(row['top1'])} | {_count(row['parameters'])} "
+                     f"| {_mb(row['size_mb'])} | {_duration(row['train_seconds'])} "
+                     f"| {_memory(row['peak_rss_bytes'])} |")
+    mean = cost["mean_member"]
+    lines.append(f"| mean member | {_percent(report['mean_member']['top1'])} | {_count(mean['parameters'])} "
+                 f"| {_mb(mean['size_mb'])} | {_duration(mean['train_seconds'])} "
+                 f"| {_memory(mean['peak_rss_bytes'])} |")
+    ensemble, count = cost["ensemble"], len(report["members"])
+    per_member = {key: None if ensemble[key] is None else ensemble[key] / count for key in ("parameters", "size_mb")}
+    time_text = f"{_duration(ensemble['train_seconds'])} serial, {_duration(ensemble['train_seconds_max'])} parallel"
+    for method, accuracy in report["methods"].items():
+        label = f"geo (p = {report['p']})" if method == "geo" else method
+        lines.append(f"| **ensemble: {label}**, {count} members | **{_percent(accuracy['top1'])}** "
+                     f"| {_count(per_member['parameters'], count)} | {_mb(per_member['size_mb'], count)} "
+                     f"| {time_text} | {_memory(ensemble['peak_rss_bytes'])} |")
+    return lines
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> None:

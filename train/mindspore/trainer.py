@@ -22,7 +22,7 @@ from subspectral.train.epochs import EpochPlan, MemberTraining, batches_per_epoc
 from subspectral.train.mindspore import checkpoint as ckpt
 from subspectral.train.mindspore.data import batches, eval_dataset, slot_stream, train_dataset
 from subspectral.train.mindspore.ebv import generate_basis
-from subspectral.train.mindspore.models import create_model, ebv_basis_of, ebv_heads
+from subspectral.train.mindspore.models import count_parameters, create_model, ebv_basis_of, ebv_heads
 from subspectral.train.mindspore.runtime import Runtime
 from subspectral.train.mindspore.step import (
     EvalStep,
@@ -201,7 +201,10 @@ class MindSporeTrainer(MemberTraining):
         ckpt.save_portable(self.run_dir / PORTABLE_FILE, self.model.net, ebv_heads(self.model.net), self.meta)
 
     def final_fields(self) -> dict[str, Any]:
-        return {"ema": False}
+        weights = self.model.trainable_params()
+        return {"ema": False, "parameters": count_parameters(self.model),
+                "parameter_bytes": int(sum(np.prod(p.shape) * np.dtype(ms.dtype_to_nptype(p.dtype)).itemsize
+                                           for p in weights))}
 
 
 def train_member(job: MemberJob, recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
