@@ -25,7 +25,7 @@ from PIL import Image
 from subspectral.pipeline.decode import SizeLimits
 from subspectral.pipeline.decompose import dct_inverse
 from subspectral.pipeline.plan import PlanOptions
-from subspectral.pipeline.prepare import PrepareOptions, prepare, reject_failure
+from subspectral.pipeline.prepare import PrepareOptions, TooManyRejects, prepare, reject_failure
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
 from subspectral.schemas import DatasetCard
@@ -391,9 +391,14 @@ def test_images_of_at_least_s_by_s_are_kept_by_default(tmp_path):
     card, _ = cli_prepare("sub4")
     assert card["counts"]["written"] == 6 and card["counts"]["rejected"] == 0
     assert card["min_side"] == 28  # min(32, S)
-    # Asked for explicitly, a larger minimum rejects them, and the summary says which option did it.
-    card, lines = cli_prepare("strict", "--min-side", "32")
-    assert card["counts"]["rejected_by_reason"] == {"too_small": 6}
+    # Asked for explicitly, a larger minimum rejects them all: the run stops with one line (issue 10), and the
+    # summary says which option did it.
+    args = parser.parse_args(["--src", str(src), "--out", str(tmp_path / "strict"), "--split", "4", "--size", "14",
+                              "--format", "png", "--min-side", "32", "--shard-size", "10"])
+    lines: list[str] = []
+    with pytest.raises(TooManyRejects, match="6 of 6 inputs rejected as too_small"):
+        prepare(prepare_cli.options_from_args(args), num_workers=1, ray_address=None, dry_run=False,
+                executor="serial", log=lines.append)
     assert "too_small: shorter side under --min-side 32 px" in lines[-1]
 
 
