@@ -31,6 +31,7 @@ from subspectral.schemas.card import (
     sub_dataset_names,
 )
 from subspectral.schemas.documents import SCHEMA_VERSION, class_table_sha256, listing_sha256
+from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import CLASSES_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA, STATUS_SCHEMA
 
 from subspectral import __version__
@@ -458,8 +459,8 @@ def format_summary(summary: dict) -> str:
     if counts["rejected_by_reason"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
                      + "  (see rejects.parquet)")
-        if counts["rejected_by_reason"].get("too_small"):
-            lines.append(f"  too_small: shorter side under --min-side {summary['min_side']} px "
+        if counts["rejected_by_reason"].get(RejectReason.TOO_SMALL.value):
+            lines.append(f"  {RejectReason.TOO_SMALL}: shorter side under --min-side {summary['min_side']} px "
                          f"(images are resized to {summary['image_size']}×{summary['image_size']}; "
                          "a lower --min-side keeps smaller ones, upscaled)")
     stage = run.get("stage_seconds") or {}
