@@ -661,7 +661,7 @@ def format_summary(summary: dict) -> str:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
                      + "  (see rejects.parquet)")
         if counts["rejected_by_reason"].get(RejectReason.TOO_SMALL.value):
-            lines.append(f"  too_small: shorter side under --min-side {summary['min_side']} px "
+            lines.append(f"  {RejectReason.TOO_SMALL}: shorter side under --min-side {summary['min_side']} px "
                          f"(images are resized to {summary['image_size']}×{summary['image_size']}; "
                          "a lower --min-side keeps smaller ones, upscaled)")
     for field, option in (("min_per_class", "--min-per-class"), ("val_per_class", "--val-per-class")):
