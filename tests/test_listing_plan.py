@@ -270,3 +270,19 @@ def test_equal_hashes_are_ordered_by_group_then_key():
     grouped = hash_order(hashes, key_of, np.arange(5), groups=np.array([1, 1, 1, 0, 1]))
     assert grouped.tolist() == [3, 2, 1, 0, 4]
     assert hash_order(hashes, key_of, np.arange(5)).tolist() == [2, 1, 3, 0, 4]
+
+
+def test_take_rows_equals_arrow_take_on_a_table_of_several_chunks():
+    from subspectral.pipeline.plan import take_rows
+
+    rng = np.random.default_rng(0)
+    chunks = [pa.table({"entry": pa.array([f"n{i}.JPEG" for i in range(start, start + size)]),
+                        "class": pa.array([f"c{i % 7}" for i in range(size)]).dictionary_encode(),
+                        "offset": pa.array(np.arange(size, dtype=np.int64))})
+              for start, size in ((0, 5), (5, 1), (6, 9), (15, 4))]
+    table = pa.concat_tables(chunks).unify_dictionaries()
+    assert table.column("entry").num_chunks == 4
+    for rows in (rng.integers(0, 19, 30), np.array([18, 0, 5, 5, 6]), np.array([], np.int64), np.arange(19)[::-1]):
+        taken = take_rows(table, rows)
+        assert taken.schema == table.schema
+        assert taken.to_pylist() == table.take(pa.array(rows, pa.int64())).to_pylist()
