@@ -280,7 +280,6 @@ def prepare_options(corpus: Path, out: Path, shard_size: int):
 def planned_shard_tasks(corpus: Path, shard_size: int) -> list:
     """The shard tasks ``prepare()`` would run, from the pipeline's own listing and plan (start-up, not timed)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     from subspectral.pipeline.listing import list_unit, plan_units
     from subspectral.pipeline.plan import make_plan
     from subspectral.pipeline.shard import ShardTask
@@ -288,13 +287,9 @@ def planned_shard_tasks(corpus: Path, shard_size: int) -> list:
 
     options = prepare_options(corpus, corpus, shard_size)
     units, _ = plan_units(list(options.sources), options.layout)
-    inputs = pa.concat_tables([list_unit(unit).inputs for unit in units])
-    rows = make_plan(inputs.sort_by([("source", "ascending"), ("member", "ascending")]), options.plan).rows
-    shards = sorted(set(zip(rows.column("split").to_pylist(), rows.column("shard").to_pylist(), strict=True)))
-    split_column, shard_column = rows.column("split"), rows.column("shard")
-    return [ShardTask(Location(""), split, shard,
-                      rows.filter(pc.and_(pc.equal(split_column, split), pc.equal(shard_column, shard))), options.spec)
-            for split, shard in shards]
+    plan = make_plan(pa.concat_tables([list_unit(unit).inputs for unit in units]), options.plan)
+    return [ShardTask(Location(""), shard.split, shard.shard, plan.shard_rows(shard, shard_size), options.spec)
+            for shard in plan.shards(shard_size)]
 
 
 def ours_serial(task, work_dir: Path, extension: bool = True) -> Run:
@@ -559,7 +554,8 @@ def markdown(summary: dict) -> str:
         lines += ["(With pipeline._splitjpeg the split happens inside the encode call: decompose is 0.)", ""]
     size = summary["bytes_per_sample_per_sub_dataset"]
     lines.append(f"Bytes per sample per sub-dataset: ours {size['ours']:.0f} (the 56×56 q95 JPEG itself "
-                 f"{size['ours_jpeg']:.0f}; the rest is 3 tar headers, .cls, .json and padding); "
+                 f"{size['ours_jpeg']:.0f}; the rest is the .cls member and the two members' tar headers and "
+                 "padding; the naive reference keeps the .json member); "
                  f"naive {size['naive']:.0f} (JPEG {size['naive_jpeg']:.0f}).")
     if "scaling" in summary:
         start, scale = summary["startup"], summary["scaling"]

@@ -22,15 +22,19 @@ try:  # optional: setup.py skips it where libjpeg-turbo's headers or a C compile
 except ImportError:
     _splitjpeg = None
 
-FORMATS = ("jpg", "png", "webp", "npy")
+FORMATS = ("jpg", "png", "webp", "npy", "dctz")
+BAND_FORMATS = ("dctz", "npy")  # what --transform dct can store; dctz (schemas/bands.py) is its default
 
 
 def check_format(image_format: str, transform: str) -> None:
     """A clear error for a format/transform pair that cannot be written with what is installed."""
     if image_format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {image_format!r}")
-    if transform == "dct" and image_format != "npy":
-        raise ValueError("--transform dct stores integer DCT bands losslessly and needs --format npy")
+    if transform == "dct" and image_format not in BAND_FORMATS:
+        raise ValueError("--transform dct stores integer DCT bands losslessly and needs --format dctz (compressed, "
+                         "the default) or npy")
+    if transform != "dct" and image_format == "dctz":
+        raise ValueError("--format dctz stores DCT bands and needs --transform dct")
     if image_format == "webp" and not features.check("webp"):
         raise ValueError("--format webp: the loaded Pillow was built without WebP (pillow-simd usually is); "
                          "use jpg, png or npy")
@@ -43,6 +47,8 @@ def encoder(image_format: str, quality: int) -> Callable[[np.ndarray], bytes]:
             colorspace = "RGBX" if pixels.shape[-1] == 4 else "RGB"
             return simplejpeg.encode_jpeg(pixels, quality, colorspace, "420")
         return encode_jpg
+    if image_format == "dctz":
+        raise ValueError("dctz encodes all bands of a sample at once: schemas.bands.encode_bands")
     if image_format == "npy":
         def encode_npy(pixels: np.ndarray) -> bytes:
             buffer = io.BytesIO()

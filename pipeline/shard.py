@@ -1,9 +1,11 @@
 """One unit of work: shard j of one split, written to all N sub-datasets. No scheduling here.
 
-Reads the plan's rows for the shard in order; each image is read, decoded, resized, split and
-encoded N times; its three members go to the N tar streams. An input that fails is recorded and
-left out of all N shards alike, so they stay aligned. Completion order: the N tars are renamed
-into place, then the shard's status table, then its stats file — the marker a rerun checks.
+Reads the plan's rows for the shard in order (members of one source tar that lie together are
+fetched by one read, ``reader``); each image is decoded, resized, split and encoded N times; its
+members (``KEY.cls`` and the image, plus ``KEY.json`` with ``--sample-json``) go to the N tar
+streams. An input that fails is recorded and left out of all N shards alike, so they stay aligned.
+Completion order: the N tars are renamed into place, then the shard's status table, then its stats
+file — the marker a rerun checks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from subspectral.schemas import bands
 from subspectral.schemas.card import shard_file, shard_name, sub_dataset_names
 from subspectral.schemas.reasons import RejectReason
 from subspectral.schemas.tables import STATUS_SCHEMA
@@ -43,6 +46,7 @@ class SampleSpec:
     image_format: str = "jpg"
     quality: int = 95
     limits: SizeLimits | None = None  # None: SizeLimits.for_side(image_size)
+    sample_json: bool = False  # also write KEY.json (class, source, original size) beside each image
 
     def __post_init__(self) -> None:
         if self.limits is None:
@@ -84,7 +88,7 @@ class SampleEncoder:
 
     def __init__(self, spec: SampleSpec) -> None:
         self.spec = spec
-        self._encode = encode.encoder(spec.image_format, spec.quality)
+        self._encode = encode.encoder(spec.image_format, spec.quality) if spec.image_format != bands.EXTENSION else None
         # Split and encode in one C call where it can: same bytes, less time (timed as "encode").
         use_split = spec.image_format == "jpg" and spec.transform == "none"
         self._split_encode = encode.split_jpeg_encoder(spec.quality) if use_split else None
@@ -120,10 +124,28 @@ class SampleEncoder:
         if self.spec.transform == "dct":
             parts = decompose.dct_forward(parts[..., :3])
         split_at = clock()
-        encoded = [self._encode(part) for part in parts]
+        if self.spec.image_format == bands.EXTENSION:  # all N bands in one pass
+            encoded = bands.encode_bands(parts)
+        else:
+            encoded = [self._encode(part) for part in parts]
         self.seconds["decompose"] += split_at - start
         self.seconds["encode"] += clock() - split_at
         return encoded, width, height
+
+
+def sample_member_bytes(spec: SampleSpec, row: dict, image: bytes, width: int, height: int) -> int:
+    """Bytes one sample takes in one sub-dataset's tar: each member's header, data and padding."""
+    members = [_label_member(row), image] + ([_meta_member(row, width, height)] if spec.sample_json else [])
+    return sum(BLOCK + len(data) + len(padding(len(data))) for data in members)
+
+
+def _label_member(row: dict) -> bytes:
+    return str(row["label"]).encode()
+
+
+def _meta_member(row: dict, width: int, height: int) -> bytes:
+    source = f"{row['source']}#{row['member']}" if row["member"] else row["source"]
+    return json.dumps({"class": row["class"], "height": height, "src": source, "width": width}, sort_keys=True).encode()
 
 
 def write_shard(task: ShardTask) -> dict:
@@ -136,7 +158,10 @@ def write_shard(task: ShardTask) -> dict:
     reader = SourceReader(spec.limits.max_file_bytes)
     status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
     rows = task.rows.select(["key", "label", "class", "source", "member", "offset", "size"]).to_pylist()
+    reader.expect([(row["source"], row["offset"], row["size"]) for row in rows])
     clock = time.perf_counter
+    # Members in sorted name order, as webdataset's TarWriter writes them: KEY.cls first, then the image and
+    # KEY.json in the order of their extensions.
     image_first = extension < "json"
     # Val shards are what ensemble-eval pairs across sub-datasets, so it checks them against their digests;
     # hashing costs ~7 % of a shard's CPU (bench/bench_shard_digest.py), which train shards do not pay.
@@ -148,7 +173,6 @@ def write_shard(task: ShardTask) -> dict:
         ]
         for row in rows:
             key = row["key"]
-            source = f"{row['source']}#{row['member']}" if row["member"] else row["source"]
             start = clock()
             try:
                 data = reader.read(row["source"], row["offset"], row["size"])
@@ -165,20 +189,16 @@ def write_shard(task: ShardTask) -> dict:
                 _record(status, key, error.reason, error.detail)
                 continue
             write_start = clock()
-            label = member_bytes(f"{key}.cls", str(row["label"]).encode())
-            meta = json.dumps(
-                {"class": row["class"], "height": height, "src": source, "width": width}, sort_keys=True
-            ).encode()
-            meta_member = member_bytes(f"{key}.json", meta)
-            # Members in sorted name order, as webdataset's TarWriter writes them. The image's header differs
-            # between sub-datasets only in its size field.
+            label = member_bytes(f"{key}.cls", _label_member(row))
+            meta = member_bytes(f"{key}.json", _meta_member(row, width, height)) if spec.sample_json else b""
+            # The image's header differs between sub-datasets only in its size field.
             headers = MemberHeader(f"{key}.{extension}").many([len(image) for image in images])
             for k, (writer, image) in enumerate(zip(writers, images, strict=True)):
                 image_parts = (headers[k * BLOCK : (k + 1) * BLOCK], image, padding(len(image)))
                 if image_first:
-                    writer.write_parts(label, *image_parts, meta_member)
+                    writer.write_parts(label, *image_parts, meta)
                 else:
-                    writer.write_parts(label, meta_member, *image_parts)
+                    writer.write_parts(label, meta, *image_parts)
             sample_encoder.seconds["write"] += clock() - write_start
             _record(status, key, None, None, width, height)
         for writer in writers:
@@ -195,6 +215,7 @@ def write_shard(task: ShardTask) -> dict:
         "samples": written,
         "rejected": len(rows) - written,
         "bytes": [writer.bytes_written for writer in writers],
+        "requests": reader.reads + reader.opens,
         "sha256": [writer.sha256 for writer in writers] if hashed else None,
     }
     write_json(stats_location(task.out, task.split, task.shard), stats)

@@ -53,19 +53,23 @@ class Counts:
     written: int
     rejected: int
     rejected_by_reason: Mapping[str, int]
+    # Classes that rejects left short of --min-per-class / --val-per-class: {"min_per_class": [[name,
+    # written], ...], "val_per_class": [[name, val written], ...]}; None in cards that predate it.
+    short_classes: Mapping[str, Sequence[Sequence]] | None = None
 
 
 @dataclass(frozen=True)
 class ByteCounts:
     total: int
     per_sub_dataset: tuple[int, ...]
-    per_sample_per_sub_dataset: float
+    per_sample_per_sub_dataset: float | None  # None when nothing was written
 
 
 @dataclass(frozen=True)
 class Source:
     uris: tuple[str, ...]
     layout: str
+    label_field: str | None = None  # webdataset sources: the JSON field that held the label (None: .cls)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class DatasetCard:
     resize_mode: str
     transform: str  # none | dct
     dct_scale: int | None
-    format: str  # jpg | png | webp | npy
+    format: str  # jpg | png | webp | npy | dctz (schemas/bands.py)
     quality: int
     seed: int
     shard_size: int
@@ -99,6 +103,8 @@ class DatasetCard:
     bytes: ByteCounts
     source: Source
     pil: str
+    sample_json: bool = False  # each sample also has a KEY.json member (--sample-json)
+    shard_bytes: int | None = None  # the target tar size shard_size was chosen for; None: --shard-size given
 
     def __post_init__(self) -> None:
         # What readers index by or allocate from must agree; the rest is the writer's business.
@@ -129,10 +135,10 @@ class DatasetCard:
                                               tuple(info["sha256"]) if "sha256" in info else None)
                            for name, info in fields["splits"].items()},
                 "counts": Counts(counts["inputs"], counts["written"], counts["rejected"],
-                                 dict(counts["rejected_by_reason"])),
+                                 dict(counts["rejected_by_reason"]), counts.get("short_classes")),
                 "bytes": ByteCounts(sizes["total"], tuple(sizes["per_sub_dataset"]),
                                     sizes["per_sample_per_sub_dataset"]),
-                "source": Source(tuple(source["uris"]), source["layout"]),
+                "source": Source(tuple(source["uris"]), source["layout"], source.get("label_field")),
             })
         except ContractError as error:
             raise ContractError(f"{where}: {error}") from None
@@ -154,8 +160,10 @@ class DatasetCard:
             "dct_scale": self.dct_scale,
             "format": self.format,
             "quality": self.quality,
+            "sample_json": self.sample_json,
             "seed": self.seed,
             "shard_size": self.shard_size,
+            "shard_bytes": self.shard_bytes,
             "val_per_class": self.val_per_class,
             "min_per_class": self.min_per_class,
             "min_side": self.min_side,
@@ -169,10 +177,14 @@ class DatasetCard:
                        for name, info in self.splits.items()},
             "counts": {"inputs": self.counts.inputs, "written": self.counts.written,
                        "rejected": self.counts.rejected,
-                       "rejected_by_reason": dict(self.counts.rejected_by_reason)},
+                       "rejected_by_reason": dict(self.counts.rejected_by_reason),
+                       **({} if self.counts.short_classes is None else
+                          {"short_classes": {name: [list(pair) for pair in pairs]
+                                             for name, pairs in self.counts.short_classes.items()}})},
             "bytes": {"total": self.bytes.total, "per_sub_dataset": list(self.bytes.per_sub_dataset),
                       "per_sample_per_sub_dataset": self.bytes.per_sample_per_sub_dataset},
-            "source": {"uris": list(self.source.uris), "layout": self.source.layout},
+            "source": {"uris": list(self.source.uris), "layout": self.source.layout,
+                       **({} if self.source.label_field is None else {"label_field": self.source.label_field})},
             "pil": self.pil,
         }
 

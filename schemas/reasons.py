@@ -24,6 +24,7 @@ class RejectReason(str, Enum):
     DANGLING_LINK = "dangling_link"
     NOT_A_FILE = "not_a_file"
     DUPLICATE_INPUT = "duplicate_input"
+    NO_LABEL = "no_label"
 
     def __str__(self) -> str:  # the table value, also in f-strings on every Python version
         return self.value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,12 +115,54 @@ def s3_endpoint():
 
     Give the CLI ``{**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}``; use a bucket name of your own.
     """
+    server, url = _start_moto(subprocess.DEVNULL)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+class RequestLog:
+    """The HTTP requests a moto server logged (werkzeug writes one line per request), counted since a mark."""
+
+    LINE = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (/[^ ?]*)\S* HTTP/')  # werkzeug colours some
+
+    def __init__(self, path: Path, url: str) -> None:
+        self.path, self.url, self._mark = path, url, 0
+
+    def mark(self) -> None:
+        self._mark = self._size()
+
+    def since_mark(self) -> list[tuple[str, str]]:
+        """(method, path) of every request since ``mark()``, once the server has logged them all."""
+        time.sleep(0.3)  # werkzeug logs after it has answered
+        with open(self.path, encoding="utf-8", errors="replace") as log:
+            log.seek(self._mark)
+            return [(m.group(1), m.group(2)) for m in self.LINE.finditer(log.read())]
+
+    def _size(self) -> int:
+        time.sleep(0.3)
+        return self.path.stat().st_size
+
+
+@pytest.fixture(scope="session")
+def s3_request_log(tmp_path_factory):
+    """A second moto server whose request log the tests read: a request counter for budgets of GETs."""
+    pytest.importorskip("moto")
+    path = tmp_path_factory.mktemp("moto") / "requests.log"
+    with open(path, "wb") as log:
+        server, url = _start_moto(log)
+    yield RequestLog(path, url)
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def _start_moto(log) -> tuple[subprocess.Popen, str]:
     pytest.importorskip("moto")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=log)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -130,9 +173,7 @@ def s3_endpoint():
                 server.kill()
                 raise RuntimeError(f"moto server did not start on port {port} (exit code {server.poll()})") from None
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def s3_client(endpoint: str):

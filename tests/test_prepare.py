@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from conftest import REPO, photo_like, run_cli
-from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder
+from corpora import TAR_QUIRKS, add_folder_quirks, add_tar_quirks, class_tars, image_folder, jpeg
 from PIL import Image
 from subspectral.pipeline.decode import SizeLimits
 from subspectral.pipeline.decompose import dct_inverse
 from subspectral.pipeline.plan import PlanOptions
-from subspectral.pipeline.prepare import PrepareOptions, prepare
+from subspectral.pipeline.prepare import PrepareOptions, TooManyRejects, prepare, reject_failure
 from subspectral.pipeline.shard import SampleEncoder, SampleSpec
 from subspectral.pipeline.storage import location
 from subspectral.schemas import DatasetCard
+from subspectral.schemas.bands import decode_band
 
 
 def run_prepare(src: Path | list[Path], out: Path, *, split: int = 36, image_format: str = "jpg", transform="none",
@@ -64,10 +65,16 @@ def assert_aligned(out: Path) -> dict:
     return card
 
 
-def components_of(samples_by_sub: list[list[dict]], index: int, ext: str) -> np.ndarray:
-    return np.stack([np.load(io.BytesIO(s[index][ext])) if ext == "npy" else
-                     np.asarray(Image.open(io.BytesIO(s[index][ext])).convert("RGB"))
+def components_of(samples_by_sub: list[list[dict]], index: int, ext: str, side: int = 0) -> np.ndarray:
+    return np.stack([np.load(io.BytesIO(s[index][ext])) if ext == "npy" else _dctz(s[index][ext], side)
+                     if ext == "dctz" else np.asarray(Image.open(io.BytesIO(s[index][ext])).convert("RGB"))
                      for s in samples_by_sub])
+
+
+def _dctz(data: bytes, side: int) -> np.ndarray:
+    band = np.empty((side, side, 3), np.int16)
+    assert decode_band(data, band)
+    return band
 
 
 def expected_square(source: str, split: int = 36, size: int = 56) -> np.ndarray:
@@ -86,7 +93,7 @@ def pixel_shuffle(components: np.ndarray) -> np.ndarray:
 
 def test_sample_png_split36_reconstructs_bit_exactly_and_aligns(ray_local, sample_root, tmp_path):
     out = tmp_path / "out"
-    run_prepare(sample_root, out, image_format="png", shard_size=200, val_per_class=10)
+    run_prepare(sample_root, out, image_format="png", shard_size=200, val_per_class=10, sample_json=True)
     card = assert_aligned(out)
     assert card["counts"]["written"] == 600 and card["counts"]["rejected"] == 0
     assert card["splits"]["val"]["samples"] == 100
@@ -103,15 +110,15 @@ def test_sample_png_split36_reconstructs_bit_exactly_and_aligns(ray_local, sampl
     assert sum(c["train"] + c["val"] for c in classes) == 600
 
 
-@pytest.mark.parametrize("transform", ["none", "dct"])
-def test_npy_components_and_dct_bands_invert_exactly(ray_local, tmp_path, transform):
+@pytest.mark.parametrize(("transform", "image_format"), [("none", "npy"), ("dct", "npy"), ("dct", "dctz")])
+def test_npy_components_and_dct_bands_invert_exactly(ray_local, tmp_path, transform, image_format):
     root = image_folder(tmp_path / "corpus")
     out = tmp_path / "out"
-    card = run_prepare(root, out, split=4, size=40, image_format="npy", transform=transform)
+    card = run_prepare(root, out, split=4, size=40, image_format=image_format, transform=transform, sample_json=True)
     assert card["dct_scale"] == (2 if transform == "dct" else None)
     subs = [read_sub_dataset(out, name, "train") for name in card["sub_datasets"]]
     for index in range(len(subs[0])):
-        parts = components_of(subs, index, "npy")
+        parts = components_of(subs, index, image_format, side=40)
         if transform == "dct":
             assert parts.dtype == np.int16
             parts = dct_inverse(parts)
@@ -169,7 +176,7 @@ def test_real_photos(ray_local, tmp_path):
         (root / name).mkdir(parents=True)
         Image.fromarray(getattr(skimage_data, name)()).save(root / name / f"{name}.JPEG", quality=92)
     out = tmp_path / "out"
-    run_prepare(root, out, image_format="png")
+    run_prepare(root, out, image_format="png", sample_json=True)
     subs = [read_sub_dataset(out, f"sub-{k:02d}", "train") for k in range(36)]
     for index in range(4):
         meta = json.loads(subs[0][index]["json"])
@@ -238,15 +245,18 @@ def test_cli_refuses_changed_options_and_skips_a_finished_run(reference_run, sam
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(sample_root, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--dry-run", *CLI_OPTIONS)
+    result = run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--dry-run", "--num-workers", "2",
+                     *CLI_OPTIONS)
     assert "classes: 10" in result.stdout and "train 550, val 50" in result.stdout
     assert "estimated output" in result.stdout
+    assert "listed in parallel by 2 worker(s)" in result.stdout  # class folders: on the workers, as a real run
     assert not out.exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--split", "35"), "perfect square"),
-    (("--transform", "dct"), "needs --format npy"),
+    (("--transform", "dct", "--format", "jpg"), "needs --format dctz"),
+    (("--format", "dctz"), "needs --transform dct"),
     (("--src", "/nonexistent/corpus"), "no such file or folder"),
 ])
 def test_cli_bad_options_give_one_clear_line(tmp_path, args, message):
@@ -254,6 +264,106 @@ def test_cli_bad_options_give_one_clear_line(tmp_path, args, message):
                      *args)), check=False)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- failing loudly, counting honestly, sizing shards (issue 10, issue 11 items 2 and 4) ------------------
+
+def tiny_corpus(root: Path, per_class: int = 3, side: int = 20) -> Path:
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{name}{i}.jpg").write_bytes(jpeg(900 + 10 * c + i, side, side))
+    return root
+
+
+def test_cli_run_that_rejects_everything_exits_2_with_one_line_and_keeps_its_shards(tmp_path):
+    """Before: exit 0, empty tars, and '64880640 bytes per sample'."""
+    root = tiny_corpus(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = ("prepare", "--src", str(root), "--out", str(out), "--split", "4", "--size", "8", "--shard-size", "2",
+            "--executor", "serial")
+    result = run_cli(*args, "--min-side", "32", check=False)
+    line = (f"prepare: error: 6 of 6 inputs rejected as too_small (e.g. 20x20 is under 32 px): --min-side 32 sets "
+            f"the limit; see {out}/rejects.parquet")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line]
+    assert "(no sample)" in result.stdout and "bytes per sample" not in result.stdout
+    assert not (out / "dataset.json").exists()
+    assert len(list((out / "stats").glob("*.json"))) == 3  # the finished shards stay
+    assert {r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()} == {"too_small"}
+    again = run_cli(*args, "--min-side", "32", check=False)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [line]
+    assert "0 shard(s) to write" in again.stdout
+    fixed = run_cli(*args, "--min-side", "16", check=False)
+    assert fixed.returncode == 2
+    assert "prepared with other options (spec.limits.min_side: 32 then, 16 now)" in fixed.stderr
+
+
+def test_reject_fraction_line_names_the_main_reason_among_several():
+    options = PrepareOptions(sources=("/c",), out="/o", layout="auto", spec=SampleSpec(),
+                             plan=PlanOptions(shard_size=None, seed=0, min_per_class=500))
+    card = {"counts": {"inputs": 5000, "written": 1900, "rejected": 3100,
+                       "rejected_by_reason": {"below_min_per_class": 2900, "truncated": 200}}}
+    examples = {"below_min_per_class": "class n1 has 12 images, fewer than --min-per-class 500", "truncated": "x"}
+    assert reject_failure(card, 0.5, options, examples) == (
+        "3,100 of 5,000 inputs rejected (62% > --max-reject-fraction 0.5), 2,900 as below_min_per_class (e.g. class n1 "
+        "has 12 images, fewer than --min-per-class 500): --min-per-class 500 sets the limit; see /o/rejects.parquet")
+    assert reject_failure(card, 0.7, options, examples) is None
+
+
+def test_cli_duplicate_list_rows_never_give_a_key_twice(tmp_path):
+    """issue 11, item 2: the same path twice in a list gave the same key twice in one tar."""
+    root = tiny_corpus(tmp_path / "c", side=40)
+    rows = ["path,label"] + [f"{c}/{c}{i}.jpg,{c}" for c in "ab" for i in range(3)] + ["a/a0.jpg,a", "b/b1.jpg,a"]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(root / "list.csv"), "--out", str(out), "--split", "4", "--size", "8",
+                     "--shard-size", "100", "--executor", "serial")
+    assert "5 written + 3 rejected = 8 inputs" in result.stdout  # a0 once more; b1 under two labels
+    with tarfile.open(out / "sub-00" / "train-000000.tar") as archive:
+        names = archive.getnames()
+    assert len(names) == len(set(names)) == 2 * 5
+    keys = pq.read_table(out / "manifest.parquet").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 5
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert sorted((Path(r["source"]).name, r["reason"]) for r in rejects) == [
+        ("a0.jpg", "duplicate_input"), ("b1.jpg", "duplicate_input"), ("b1.jpg", "duplicate_input")]
+
+
+def test_cli_warns_of_classes_left_short_after_rejects(tmp_path):
+    """issue 11, item 4: --min-per-class and --val-per-class count listed files, so rejects can leave a class short."""
+    root = tmp_path / "c"
+    lines = ["path,label,split"]
+    for c, bad in (("a", 3), ("b", 0)):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            data = jpeg(i, 60, 50)
+            (root / c / f"{c}{i}.jpg").write_bytes(data[:300] if i < bad else data)
+            lines.append(f"{c}/{c}{i}.jpg,{c},{'val' if i < 2 else 'train'}")
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--src", str(root / "list.csv"), "--out", str(out), "--split", "4", "--size", "8",
+                     "--shard-size", "100", "--min-per-class", "12", "--val-per-class", "2", "--executor", "serial")
+    assert "21 written + 3 rejected = 24 inputs" in result.stdout
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["counts"]["short_classes"] == {"min_per_class": [["a", 9]], "val_per_class": [["a", 0]]}
+    assert ("warning: 1 classes got fewer written images than --min-per-class asked after rejects (a 9)"
+            in result.stdout)
+    assert "warning: 1 classes got fewer written val images than --val-per-class asked" in result.stdout
+    classes = pq.read_table(out / "classes.parquet").to_pylist()
+    assert [(c["name"], c["train"], c["val"]) for c in classes] == [("a", 9, 0), ("b", 10, 2)]
+
+
+def test_cli_shard_size_follows_the_target_tar_size(sample_root, tmp_path):
+    out = tmp_path / "out"
+    run_cli("prepare", "--src", str(sample_root), "--out", str(out), "--split", "4", "--size", "24",
+            "--shard-bytes", "400KB", "--executor", "serial")
+    card = json.loads((out / "dataset.json").read_text())
+    recorded = json.loads((out / "_work" / "shard_size.json").read_text())
+    assert card["shard_bytes"] == 400_000 and card["shard_size"] == recorded["shard_size"]
+    assert recorded["estimate"]["samples"] == 32
+    full = [path.stat().st_size for path in sorted((out / "sub-00").glob("train-*.tar"))][:-1]
+    assert len(full) >= 2 and all(0.75 * 400_000 < size < 1.25 * 400_000 for size in full), full
 
 
 def test_images_of_at_least_s_by_s_are_kept_by_default(tmp_path):
@@ -281,9 +391,14 @@ def test_images_of_at_least_s_by_s_are_kept_by_default(tmp_path):
     card, _ = cli_prepare("sub4")
     assert card["counts"]["written"] == 6 and card["counts"]["rejected"] == 0
     assert card["min_side"] == 28  # min(32, S)
-    # Asked for explicitly, a larger minimum rejects them, and the summary says which option did it.
-    card, lines = cli_prepare("strict", "--min-side", "32")
-    assert card["counts"]["rejected_by_reason"] == {"too_small": 6}
+    # Asked for explicitly, a larger minimum rejects them all: the run stops with one line (issue 10), and the
+    # summary says which option did it.
+    args = parser.parse_args(["--src", str(src), "--out", str(tmp_path / "strict"), "--split", "4", "--size", "14",
+                              "--format", "png", "--min-side", "32", "--shard-size", "10"])
+    lines: list[str] = []
+    with pytest.raises(TooManyRejects, match="6 of 6 inputs rejected as too_small"):
+        prepare(prepare_cli.options_from_args(args), num_workers=1, ray_address=None, dry_run=False,
+                executor="serial", log=lines.append)
     assert "too_small: shorter side under --min-side 32 px" in lines[-1]
 
 

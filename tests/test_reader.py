@@ -1,4 +1,5 @@
-"""SourceReader: whole local files whatever their listed size says, tar members by offset, clear OSErrors."""
+"""SourceReader: whole local files whatever their listed size says, tar members by offset (members that lie
+together in one read), clear OSErrors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tarfile
 
 import pytest
 from conftest import call_within
+from subspectral.pipeline import reader as reader_module
 from subspectral.pipeline.decode import RejectedInput
 from subspectral.pipeline.reader import SourceReader
 
@@ -81,4 +83,29 @@ def test_tar_members_are_read_by_offset_and_a_short_member_is_an_error(tmp_path)
             assert reader.read(str(archive), member.offset_data, member.size) == payloads[member.name]
     with pytest.raises(OSError, match="ends early"):
         reader.read(str(archive), archive.stat().st_size - 10, 100)
+    reader.close()
+
+
+def test_members_that_lie_together_are_fetched_by_one_read_per_run(tmp_path, monkeypatch):
+    payloads = {"a.JPEG": b"a" * 1000, "b.JPEG": b"b" * 900, "big.JPEG": os.urandom(600 * 1024),
+                "c.JPEG": b"c" * 1100, "d.JPEG": b"d" * 10, "e.JPEG": b"e" * 20}
+    archive = tmp_path / "n01440764.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, payload in payloads.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(archive) as tar:
+        where = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+    wanted = ["d.JPEG", "a.JPEG", "c.JPEG", "b.JPEG", "e.JPEG"]  # the runs a+b and c+d+e; the big member between
+    reader = SourceReader()
+    reader.expect([(str(archive), *where[name]) for name in wanted])
+    assert [reader.read(str(archive), *where[name]) for name in wanted] == [payloads[n] for n in wanted]
+    assert reader.reads == 2
+    # With room for one run only, a run dropped early is fetched again, and the bytes stay right.
+    monkeypatch.setattr(reader_module, "MAX_CACHED", 1)
+    reader = SourceReader()
+    reader.expect([(str(archive), *where[name]) for name in wanted])
+    assert [reader.read(str(archive), *where[name]) for name in wanted] == [payloads[n] for n in wanted]
+    assert reader.reads == 5  # d+e's run, a+b's, d+e's again, a+b's again, d+e's again
     reader.close()

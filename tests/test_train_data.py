@@ -49,8 +49,8 @@ def test_fast_ustar_reader_matches_tarfile_and_pax_falls_back(prepared_sample, t
     shard = prepared_sample / "sub-03" / "train-000001.tar"
     ours = [(key, parts) for key, parts in iter_samples(shard.read_bytes())]
     members = _members(shard)
-    assert len(ours) == len(members) // 3 == 128
-    assert ours[5][1]["jpg"] == members[5 * 3 + 1][1] and ours[5][1]["cls"] == members[5 * 3][1]
+    assert len(ours) == len(members) // 2 == 128  # KEY.cls and KEY.jpg per sample
+    assert ours[5][1]["jpg"] == members[5 * 2 + 1][1] and ours[5][1]["cls"] == members[5 * 2][1]
     long_key = "x" * 120  # longer than a ustar name field: needs a pax header
     pax = tmp_path / "pax.tar"
     _write_tar(pax, [(f"{long_key}.cls", b"3"), (f"{long_key}.jpg", members[1][1])], tarfile.PAX_FORMAT)
@@ -74,7 +74,7 @@ def test_streamed_reader_yields_what_the_whole_shard_reader_yields(prepared_samp
     # Cut inside the third sample's JPEG: the two whole samples, the third's members before the cut, then
     # the error; and cut right after a member (no end-of-archive block): the same as the whole-shard reader.
     with tarfile.open(shard) as archive:
-        third_jpg = [m for m in archive if m.isfile()][2 * 3 + 1]
+        third_jpg = [m for m in archive if m.isfile() and m.name.endswith(".jpg")][2]
     whole = [key for key, _ in iter_samples(shard.read_bytes())]
     for end, error in ((third_jpg.offset_data + third_jpg.size // 2, "is truncated"),
                        (third_jpg.offset_data - 512, "without its end-of-archive block")):
@@ -155,9 +155,10 @@ def test_corrupt_samples_are_skipped_and_counted(prepared_sample, tmp_path):
     shutil.copytree(prepared_sample, data, ignore=shutil.ignore_patterns("sub-0[1-9]", "sub-[1-3]*"))
     val = data / "sub-00" / "val-000000.tar"
     members = _members(val)
+    # Two members per sample: KEY.cls, KEY.jpg.
     members[1] = (members[1][0], b"\xff\xd8 not a jpeg")  # sample 0: undecodable image
-    members[7] = (members[7][0], members[7][1][: len(members[7][1]) // 2])  # sample 2: truncated JPEG
-    del members[3]  # sample 1: no .cls
+    members[5] = (members[5][0], members[5][1][: len(members[5][1]) // 2])  # sample 2: truncated JPEG
+    del members[2]  # sample 1: no .cls
     _write_tar(val, members)
     card = read_card(str(data))
     stream = EvalStream(shard_uris(str(data), card, 0, "val"), card, batch_size=40, rank=0, world=1)

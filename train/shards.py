@@ -19,9 +19,10 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import simplejpeg
+from subspectral.schemas import bands
 from webdataset.tariterators import tar_file_iterator
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "npy")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "npy", bands.EXTENSION)
 _BLOCK = 512
 
 
@@ -209,6 +210,8 @@ def decode_into(out: np.ndarray, sample: Sample) -> bool:
         if sample.ext in ("jpg", "jpeg"):
             # Decodes into ``out``; a larger image raises, a smaller one comes back with its own shape.
             return simplejpeg.decode_jpeg(sample.data, "RGB", buffer=out).shape == out.shape
+        if sample.ext == bands.EXTENSION:  # integer DCT bands, decoded straight into the batch (schemas/bands.py)
+            return bands.decode_band(sample.data, out)
         if sample.ext == "npy":
             array = np.load(io.BytesIO(sample.data), allow_pickle=False)
         else:
