@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,28 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"cli.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def fails_with_one_line(command: str, message: str, *args: str) -> None:
+    """``cli.py COMMAND ARGS`` exits 2 with one line on stderr, no traceback, and the line holds ``message``."""
+    result = run_cli(command, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0], lines[0]
+
+
+def kill_when_written(path: Path, *args: str, timeout: float = 300) -> None:
+    """Start ``cli.py ARGS`` and SIGKILL it the moment ``path`` exists (a real kill, mid-run)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 @pytest.fixture(scope="session")

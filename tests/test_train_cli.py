@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import fails_with_one_line, run_cli
 from safetensors.torch import load_file
 from subspectral.train.checkpoint import load_trained_model, save_torch
 from subspectral.train.data import make_loader
@@ -134,11 +134,7 @@ def short_run(prepared_sample, tmp_path_factory) -> Path:
 
 
 def _fails_with(message: str, *args: str) -> None:
-    result = run_cli("train", *args, check=False)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert message in lines[0], lines[0]
+    fails_with_one_line("train", message, *args)
 
 
 def test_bad_input_fails_with_one_clear_line(prepared_sample, short_run, tmp_path):

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from conftest import REPO, run_cli
+from conftest import kill_when_written, run_cli
 
 # Deterministic CPU run that exercises every resumable state: shuffling, augmentation, mixup and
 # cutmix, EMA, warmup + cosine schedule, AdamW moments, a DataLoader worker.
@@ -29,16 +24,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(prepared_sample, tmp_pa
     run_cli("train", *data, "--out", str(tmp_path / "whole"), *ARGS)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "train", *data, "--out", str(killed), *ARGS],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = killed / "sub-04" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when_written(checkpoint, "train", *data, "--out", str(killed), *ARGS)
     assert not (killed / "sub-04" / "final.json").exists()
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 0  # epoch 1 of 2 done
 

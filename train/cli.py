@@ -3,6 +3,8 @@
     python cli.py train --data data/sample --shard 0 --config sample --out runs
     python cli.py train --data data/sample --shard all --config sample --out runs     # N members in turn
     python cli.py train --data DATA --shard 7 --config imagenet21k-sub36 --out runs optimizer.lr=0.01
+    python cli.py train --data DATA --shard 0-8 --fuse 9 --config imagenet21k-sub36 --out runs --device cuda
+                                                                       # 9 members at once, one grouped network
     torchrun --nproc-per-node 8 cli.py train --data s3://bucket/in21k-sub36 --shard 7 --config \\
         imagenet21k-sub36 --out runs --device cuda                                    # DDP, one member
     srun --ntasks-per-node 8 python cli.py train --data DATA --shard 7 ...           # DDP under Slurm, no torchrun
@@ -37,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fuse", type=int, metavar="K",
+                        help="train the --shard members K at a time in one process, as one network grouped K ways "
+                             "(= train.fuse=K; default 1: one at a time); see docs/training.md")
     parser.add_argument("--backend", choices=("torch", "mindspore"), default="torch",
                         help="training framework (default torch); mindspore: see docs/mindspore.md")
     parser.add_argument("--device-target", choices=("CPU", "GPU", "Ascend"), default="CPU",
@@ -86,7 +91,13 @@ def run(args: argparse.Namespace) -> int:
         recipe = apply_overrides(load_recipe(args.config), args.overrides)
         if args.epochs is not None:
             apply_overrides(recipe, [f"schedule.epochs={args.epochs}"])
+        if args.fuse is not None:
+            apply_overrides(recipe, [f"train.fuse={args.fuse}"])
         check_recipe(recipe)
+        # Fused training (train/fused_trainer.py): K members per process, torch backend only.
+        if recipe.train.fuse > 1 and args.backend == "mindspore":
+            raise ConfigError("--fuse / train.fuse > 1 is not supported by --backend mindspore: train its members "
+                              "one at a time (train.fuse=1)")
         train_members = backend(args.backend)
         done = train_members(options, recipe, args.shard)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:

@@ -87,6 +87,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the training model
     compile_backend: str = "inductor"  # inductor | aot_eager (no code generation) | eager (graph capture only)
+    fuse: int = 1  # members trained at once as one grouped network (cli.py train --fuse K); 1: one at a time
     seed: int = 0
     deterministic: bool = False
     val_every: int = 1  # validate every n epochs (and always after the last)
@@ -182,7 +183,7 @@ RANGES: dict[str, Range] = {
     "train.label_smoothing": _BELOW_ONE, "train.mixup_alpha": _NON_NEGATIVE, "train.cutmix_alpha": _NON_NEGATIVE,
     "train.mix_prob": _FRACTION, "train.ema_decay": _BELOW_ONE, "train.grad_clip": _NON_NEGATIVE,
     "train.accumulate_steps": _AT_LEAST_ONE, "train.seed": _SEED, "train.val_every": _AT_LEAST_ONE,
-    "train.checkpoint_every": _AT_LEAST_ONE,
+    "train.checkpoint_every": _AT_LEAST_ONE, "train.fuse": _AT_LEAST_ONE,
 }
 # List keys: (length, range of each element). Samples are always H x W x 3.
 LIST_RANGES: dict[str, tuple[int, Range]] = {"data.mean": (3, Range()), "data.std": (3, _POSITIVE)}

@@ -58,6 +58,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
         optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe.schedule, recipe.optimizer.lr))
 
 
+def batch_on_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A loader batch's images and labels on ``device``, and how many samples its stream skipped."""
+    return (batch["images"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True),
+            int(batch["skipped"]))
+
+
 def _forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                       scaler: torch.amp.GradScaler, ctx: StepContext) -> torch.Tensor:
     """Gradients of the batch's mean loss, over ``accumulate_steps`` micro-batches; the mean loss.
@@ -93,9 +99,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     steps = 0
     start = time.perf_counter()
     for batch in batches:
-        images = batch["images"].to(ctx.device, non_blocking=True)
-        labels = batch["labels"].to(ctx.device, non_blocking=True)
-        skipped += int(batch["skipped"])
+        images, labels, lost = batch_on_device(batch, ctx.device)
+        skipped += lost
         images, targets = mix_batch(images, labels, ctx.num_classes, ctx.config, rng)
         optimizer.zero_grad(set_to_none=True)
         loss = _forward_backward(model, images, targets, scaler, ctx)
@@ -125,9 +130,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ctx: 
     skipped = 0
     k = min(5, ctx.num_classes)
     for batch in batches:
-        images = batch["images"].to(ctx.device, non_blocking=True)
-        labels = batch["labels"].to(ctx.device, non_blocking=True)
-        skipped += int(batch["skipped"])
+        images, labels, lost = batch_on_device(batch, ctx.device)
+        skipped += lost
         with ctx.autocast():
             logits = model(images).float()
         top = logits.topk(k, dim=1).indices

@@ -224,6 +224,11 @@ class MemberTraining(ABC):
     @classmethod
     def checked_run(cls, job: Any, recipe: Recipe, *args: Any) -> dict[str, Any]:
         """Check everything (data, shard, recipe, checkpoint) before training, then train; final.json content."""
+        return cls.checked(job, recipe, *args).run()
+
+    @classmethod
+    def checked(cls, job: Any, recipe: Recipe, *args: Any) -> MemberTraining:
+        """The member's training, every check (data, shard, recipe, checkpoint) made; not started."""
         check_recipe(recipe)
         try:
             trainer = cls(job, recipe, *args)
@@ -231,11 +236,21 @@ class MemberTraining(ABC):
             raise ConfigError(str(exc)) from exc
         if trainer.resume_from is not None:
             trainer.config_note = resume_note(trainer.resume_recipe or {}, recipe, trainer.resume_epochs)
-        return trainer.run()
+        return trainer
 
     def run(self) -> dict[str, Any]:
         if self.state == "done":
             return json.loads((self.run_dir / "final.json").read_text())
+        plan, start_epoch, best_top1 = self.begin()
+        book = EpochBook(self, plan, start_epoch, best_top1)
+        self.train_epochs(book, start_epoch, plan.epochs)
+        final = {**book.close(), **self.final_fields()}
+        self.end(plan, final)
+        return final
+
+    # run() in three parts, so that train.fused_trainer can drive K members through one shared epoch loop.
+    def begin(self) -> tuple[EpochPlan, int, float]:
+        """Build, restore the checkpoint, write the run files: (plan, first epoch to run, best top-1 so far)."""
         plan = self.plan()
         if plan.main and not plan.validates:
             _log.warning(f"cli.py train: warning: {self.meta['data']} has no val split (prepare it with "
@@ -248,29 +263,47 @@ class MemberTraining(ABC):
         if plan.main:
             self.write_run_files(start_epoch)
         self.wait_for_ranks()
-        final = {**self._epochs(plan, start_epoch, best_top1), **self.final_fields()}
+        return plan, start_epoch, best_top1
+
+    def train_epochs(self, book: EpochBook, start: int, stop: int) -> None:
+        """Train epochs ``start .. stop - 1`` (0-based) on their own, each recorded in ``book``."""
+        for epoch in range(start, stop):
+            started = time.perf_counter()
+            book.record(epoch, {"epoch": epoch + 1, **self._train_epoch(epoch, book.plan, book.saved)}, started)
+
+    def end(self, plan: EpochPlan, final: dict[str, Any]) -> None:
+        """The final weights, then final.json (last: the member is done)."""
         if plan.main:
             self.save_final_weights()
-            write_json(self.run_dir / "final.json", final)  # last: the member is done
+            write_json(self.run_dir / "final.json", final)
         self.wait_for_ranks()
-        return final
 
-    def _validate(self) -> dict[str, Any]:
-        """``validate()``, with every val sample of the card that was not evaluated counted as skipped.
+    def checked_validation(self, result: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``validate()`` (or its ``result``, already computed), with every val sample of the card that was
+        not evaluated counted as skipped.
 
         The count comes from the card, so samples lost in a damaged shard are counted whatever the stream
         could tell; a validation that evaluated nothing is refused rather than reported as 0 %.
         """
-        result = self.validate()
+        result = self.validate() if result is None else result
         expected = self.card.splits["val"].samples
         if result["val_samples"] == 0:
             raise DataError(f"sub-{self.meta['shard']:02d}: no usable val sample in {self.meta['data']} "
                             f"({expected} in the card): every val shard is damaged or unreadable")
         return {**result, "val_skipped": max(expected - result["val_samples"], result["val_skipped"])}
 
+    def diverged(self, message: str, saved: int) -> Diverged:
+        """A non-finite loss: ``message``, the checkpoint kept (``saved``: the epochs it holds), what to do."""
+        advice = "lower optimizer.lr or set train.grad_clip"
+        if saved:  # a resume must keep the recipe, so other values need another run folder
+            advice = (f"stopped, {LAST_CHECKPOINT[self.meta['backend']]} of epoch {saved} kept; {advice} "
+                      "and train into another --out")
+        else:
+            advice = f"stopped before any checkpoint; {advice}"
+        return Diverged(f"{message}: {advice}")
+
     def _train_epoch(self, epoch: int, plan: EpochPlan, saved: int) -> dict[str, Any]:
-        """One epoch with its progress bar; a non-finite loss stops the run, naming the checkpoint kept
-        (``saved``: the epochs it holds)."""
+        """One epoch with its progress bar; a non-finite loss stops the run (``diverged``)."""
         bar = EpochProgress(plan.batches_per_epoch, f"sub-{plan.shard:02d} {epoch + 1}/{plan.epochs}",
                             enabled=plan.main and plan.progress, world=plan.world)
         try:
@@ -278,53 +311,64 @@ class MemberTraining(ABC):
             if not math.isfinite(line["train_loss"]):
                 raise Diverged(f"sub-{plan.shard:02d} epoch {epoch + 1}: the training loss is {line['train_loss']}")
         except Diverged as exc:
-            advice = "lower optimizer.lr or set train.grad_clip"
-            if saved:  # a resume must keep the recipe, so other values need another run folder
-                advice = (f"stopped, {LAST_CHECKPOINT[self.meta['backend']]} of epoch {saved} kept; {advice} "
-                          "and train into another --out")
-            else:
-                advice = f"stopped before any checkpoint; {advice}"
-            raise Diverged(f"{exc}: {advice}") from exc
+            raise self.diverged(str(exc), saved) from exc
         finally:
             bar.close()
         return line
 
-    def _epochs(self, plan: EpochPlan, start_epoch: int, best_top1: float) -> dict[str, Any]:
-        """Epochs ``start_epoch .. plan.epochs - 1``; the content of final.json but for backend fields.
 
-        ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
-        ``last`` checkpoint saved in the same epoch. Without a val split, best is linked to every last.
-        """
+class EpochBook:
+    """One member's record across epochs: validation when due, metrics, the ``last`` and ``best`` checkpoints.
+
+    ``best`` is written when validation top-1 improves (the first of equal maxima): a hard link to the
+    ``last`` checkpoint saved in the same epoch. Without a val split, best is linked to every last.
+    """
+
+    def __init__(self, run: MemberTraining, plan: EpochPlan, start_epoch: int, best_top1: float) -> None:
+        self.run, self.plan, self.best_top1 = run, plan, best_top1
         prefix = f"sub-{plan.shard:02d}" + (f" {plan.label}" if plan.label else "")
-        log = EpochLog(self.run_dir, prefix) if plan.main else None
-        last_eval: dict[str, Any] = {}
-        skipped, saved = 0, start_epoch
+        self.log = EpochLog(run.run_dir, prefix) if plan.main else None
+        self.last_eval: dict[str, Any] = {}
+        self.skipped, self.saved = 0, start_epoch  # saved: the epochs the last checkpoint holds
         peak_memory.reset_peak()  # members trained in turn in one process each get their own peak
-        for epoch in range(start_epoch, plan.epochs):
-            started = time.perf_counter()
-            line: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(epoch, plan, saved)}
-            skipped = line["skipped"]
-            if plan.validates and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs):
-                last_eval = self._validate()
-                line.update(last_eval)
-            line["epoch_seconds"] = time.perf_counter() - started
-            line["peak_rss_bytes"] = peak_memory.peak_bytes()
-            if log is not None:
-                log.write(line)
-                improved = "top1" in line and line["top1"] > best_top1
-                best_top1 = max(best_top1, line.get("top1", best_top1))
-                if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
-                    last = self.save_last(epoch, best_top1)
-                    saved = epoch + 1
-                    if improved or not plan.validates:
-                        same_file_as(last, last.with_name("best" + last.suffix))
-            self.wait_for_ranks()
-        if plan.validates and not last_eval:  # resumed after the last epoch had finished but before final.json
-            last_eval = self._validate()
-        if log is not None:
-            log.close()
-        measured = {"top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
-                    "val_loss": last_eval.get("val_loss"), "val_samples": last_eval.get("val_samples", 0),
-                    "val_skipped": last_eval.get("val_skipped", 0), "best_top1": best_top1 if plan.validates else None}
-        return {**measured, "validated": plan.validates, "train_skipped": skipped, "epochs": plan.epochs,
-                **cost_from_metrics(self.run_dir / METRICS_FILE)}
+
+    def validates(self, epoch: int) -> bool:
+        plan = self.plan
+        return plan.validates and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs)
+
+    def record(self, epoch: int, line: dict[str, Any], started: float, evaluation: dict[str, Any] | None = None,
+               share: int = 1) -> None:
+        """After epoch ``epoch`` (0-based), begun at ``started`` (perf_counter), has trained: validate when due
+        (``evaluation``: already computed), log ``line``, checkpoint. ``share``: the members that trained
+        the epoch together, whose time is split evenly (``epoch_seconds``)."""
+        plan, run = self.plan, self.run
+        self.skipped = line["skipped"]
+        if self.validates(epoch):
+            self.last_eval = run.checked_validation(evaluation)
+            line.update(self.last_eval)
+        line["epoch_seconds"] = (time.perf_counter() - started) / share
+        line["peak_rss_bytes"] = peak_memory.peak_bytes()
+        if self.log is not None:
+            self.log.write(line)
+            improved = "top1" in line and line["top1"] > self.best_top1
+            self.best_top1 = max(self.best_top1, line.get("top1", self.best_top1))
+            if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or improved:
+                last = run.save_last(epoch, self.best_top1)
+                self.saved = epoch + 1
+                if improved or not plan.validates:
+                    same_file_as(last, last.with_name("best" + last.suffix))
+        run.wait_for_ranks()
+
+    def close(self) -> dict[str, Any]:
+        """The content of final.json but for the backend's fields."""
+        plan = self.plan
+        if plan.validates and not self.last_eval:  # resumed after the last epoch had finished, before final.json
+            self.last_eval = self.run.checked_validation()
+        if self.log is not None:
+            self.log.close()
+        last = self.last_eval
+        measured = {"top1": last.get("top1"), "top5": last.get("top5"), "val_loss": last.get("val_loss"),
+                    "val_samples": last.get("val_samples", 0), "val_skipped": last.get("val_skipped", 0),
+                    "best_top1": self.best_top1 if plan.validates else None}
+        return {**measured, "validated": plan.validates, "train_skipped": self.skipped, "epochs": plan.epochs,
+                **cost_from_metrics(self.run.run_dir / METRICS_FILE)}

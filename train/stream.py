@@ -35,7 +35,7 @@ import functools
 import math
 import posixpath
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -134,9 +134,23 @@ def piece_samples(sources: Iterator[dict[str, Any]], *, stats: StreamStats) -> I
             stats.skipped += 1 if total is None else max(len(range(piece.part, total, piece.parts)) - read, 0)
 
 
+def decode_sample(out: np.ndarray, parts: dict[str, Any], num_classes: int) -> int | None:
+    """Decode one webdataset sample into ``out`` (H x W x C); its label, or None when it is unusable.
+
+    A label outside the card's classes means the shards are not the card's: refused."""
+    sample = to_sample(parts["__key__"], parts)
+    if sample is not None and not 0 <= sample.label < num_classes:
+        raise DataError(f"{parts['__url__']}: sample {sample.key!r} has label {sample.label}, outside the "
+                        f"{num_classes} classes of the dataset card (0..{num_classes - 1})")
+    if sample is not None and decode_into(out, sample):
+        return sample.label
+    return None
+
+
 def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int, int], dtype: np.dtype,
                     num_classes: int, batch_size: int, max_batches: int | None, drop_last: bool,
-                    stats: StreamStats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+                    stats: StreamStats, decode: Callable[[np.ndarray, dict[str, Any], int], int | None] = decode_sample,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Decode into batch buffers: ``(images N x H x W x C, labels, samples skipped since the last batch)``."""
     made = reported = 0
     # Samples that failed since the last usable one: once they are every sample of a whole pass over
@@ -147,12 +161,9 @@ def decoded_batches(samples: Iterator[dict[str, Any]], *, shape: tuple[int, int,
         labels = np.empty(batch_size, np.int64)
         filled = 0
         for parts in samples:
-            sample = to_sample(parts["__key__"], parts)
-            if sample is not None and not 0 <= sample.label < num_classes:
-                raise DataError(f"{parts['__url__']}: sample {sample.key!r} has label {sample.label}, outside the "
-                                f"{num_classes} classes of the dataset card (0..{num_classes - 1})")
-            if sample is not None and decode_into(images[filled], sample):
-                labels[filled] = sample.label
+            label = decode(images[filled], parts, num_classes)
+            if label is not None:
+                labels[filled] = label
                 filled += 1
                 failing.clear()
                 if filled == batch_size:
@@ -246,6 +257,11 @@ def _resized_crops(images: np.ndarray, min_scale: float, rng: np.random.Generato
 class TrainStream:
     """An epoch of training batches for one DDP rank (``set_epoch`` before each epoch)."""
 
+    # The stages that read a piece's samples and decode one sample; ``train.fused_data`` swaps them to
+    # read K aligned sub-datasets in lockstep (``uris`` then holds a tuple of K URIs per shard).
+    read_samples = staticmethod(piece_samples)
+    decode = staticmethod(decode_sample)
+
     def __init__(self, uris: list[str], card: DatasetCard, config: DataConfig, *, batch_size: int,
                  batches_per_epoch: int, rank: int, world: int, seed: int) -> None:
         self.uris = uris
@@ -280,15 +296,18 @@ class TrainStream:
         return wds.DataPipeline(
             partial(piece_source, self.uris, pieces_for_slot(len(self.uris), slot, slots), stats=stats,
                     rng=random.Random(hash(seed)) if self.config.shuffle_shards else None, forever=quota > 0),
-            partial(piece_samples, stats=stats),
+            partial(self.read_samples, stats=stats),
             *([wds.shuffle(buffer, initial=buffer, rng=random.Random(hash((*seed, 1))))] if buffer > 1 else []),
             partial(decoded_batches, shape=self.shape, dtype=self.dtype, num_classes=self.num_classes,
-                    batch_size=self.batch_size, max_batches=quota, drop_last=True, stats=stats),
+                    batch_size=self.batch_size, max_batches=quota, drop_last=True, stats=stats, decode=self.decode),
             wds.map(lambda batch: (augment(batch[0], self.config, augment_rng), *batch[1:])),
         )
 
 class EvalStream:
     """Every validation sample once, in shard order, partitioned over ranks and workers; no augmentation."""
+
+    read_samples = staticmethod(piece_samples)  # hooks as in TrainStream
+    decode = staticmethod(decode_sample)
 
     def __init__(self, uris: list[str], card: DatasetCard, *, batch_size: int, rank: int, world: int) -> None:
         self.uris = uris
@@ -304,7 +323,7 @@ class EvalStream:
         pieces = pieces_for_slot(len(self.uris), self.rank * workers + worker, self.world * workers)
         return wds.DataPipeline(
             partial(piece_source, self.uris, pieces, stats=stats),
-            partial(piece_samples, stats=stats),
+            partial(self.read_samples, stats=stats),
             partial(decoded_batches, shape=self.shape, dtype=self.dtype, num_classes=self.num_classes,
-                    batch_size=self.batch_size, max_batches=None, drop_last=False, stats=stats),
+                    batch_size=self.batch_size, max_batches=None, drop_last=False, stats=stats, decode=self.decode),
         )

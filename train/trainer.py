@@ -151,8 +151,12 @@ class MemberTrainer(MemberTraining):
         self.val_stream = (EvalStream(self.val_uris, self.card, batch_size=_EVAL_BATCH, rank=rank, world=world)
                            if self.val_uris else None)
 
+    def _weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The state_dict to save (train.fused_trainer copies a member's weights out of its fused block)."""
+        return module.state_dict()
+
     def _checkpoint(self, epoch: int, best_top1: float) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self._weights(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "epoch": epoch,
                 "best_top1": best_top1, "rng": ckpt.rng_state(), "meta": self.meta,
@@ -217,7 +221,7 @@ class MemberTrainer(MemberTraining):
 
     def save_final_weights(self) -> None:
         model = self._eval_model()
-        ckpt.save_torch({"model": model.state_dict(), "meta": self.meta}, self.run_dir / "final.pt")
+        ckpt.save_torch({"model": self._weights(model), "meta": self.meta}, self.run_dir / "final.pt")
         ckpt.save_portable(self.run_dir / PORTABLE_FILE, model, self.meta)
 
     def final_fields(self) -> dict[str, Any]:
@@ -239,10 +243,15 @@ def train_members(options: TrainOptions, recipe: Recipe, members: str) -> Backen
     dist = init_distributed("cuda" if use_cuda else "cpu")
     device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
     done = BackendRun(main=dist.is_main)
+    jobs = [MemberJob(options.data, shard, options.out, options.resume, options.progress) for shard in shards]
     try:
-        for shard in shards:
-            job = MemberJob(options.data, shard, options.out, options.resume, options.progress)
-            done.results[shard] = train_member(job, recipe, dist, device)
+        if recipe.train.fuse > 1:  # K members at a time as one grouped network (train/fused_trainer.py)
+            from subspectral.train.fused_trainer import train_fused_groups
+
+            done.results = train_fused_groups(jobs, recipe, dist, device)
+        else:
+            for job in jobs:
+                done.results[job.shard] = train_member(job, recipe, dist, device)
     finally:
         shutdown()
     return done

@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
+# Members per fused forward pass (train/fused_predict.py) when --fuse is not given: on a GPU, where one small
+# network per launch leaves it waiting on launches; on the CPU each member alone (compute-bound there, and a
+# fused copy doubles the weights in memory). Neither is measured yet: BENCHMARKS.md, "Fused training".
+FUSE_DEFAULT = {"cuda": 36, "cpu": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    parser.add_argument("--fuse", type=int, default=None, metavar="K",
+                        help="run torch members of one architecture K at a time as one grouped network, one "
+                             f"forward pass per batch (default: {FUSE_DEFAULT['cuda']} on a GPU, "
+                             f"{FUSE_DEFAULT['cpu']} on the CPU; 1: each member on its own)")
     parser.add_argument("--prefetch", type=int, default=2,
                         help="batches read and decoded ahead in a background thread while the members run "
                              "(0: read in turn with the forward passes; default: 2)")
@@ -172,12 +180,15 @@ def check_labels(keys: list[str], labels: np.ndarray, num_classes: int) -> None:
 
 
 def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tally, writer: PredictionWriter,
-             baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int) -> dict[str, Hits]:
+             baseline: Baseline | None, device: torch.device, progress: Any, num_classes: int,
+             predict: Callable[[list[np.ndarray]], Iterable[torch.Tensor]] | None = None) -> dict[str, Hits]:
     """Run every batch through the members (rank order), tally it and stream its predictions.
 
     Each member's logits are fused as soon as they are computed (``BatchFusion``), so one member's
     ``[B, C]`` logits are held at a time, not all M. ``batches`` hold the members' streams in order,
     then the baseline's; returns the baseline's Hits per view (empty without a baseline). ``progress`` is a tqdm bar.
+    ``predict(images)``: the members' logits in rank order (train/fused_predict.py runs members fused,
+    holding one group's logits at a time); by default each member's own ``predict``.
     """
     import torch
     from subspectral.train.ensemble.fusion import BatchFusion, Hits, top_k_classes
@@ -187,8 +198,12 @@ def evaluate(members: list[Member], batches: Iterable[LockstepBatch], tally: Tal
         check_labels(batch.keys, batch.labels, num_classes)
         labels = torch.from_numpy(batch.labels).to(device)
         fusion = BatchFusion(tally, labels)
-        for member, images in zip(members, batch.images, strict=False):
-            fusion.add(member.predict(images))
+        if predict is None:
+            outputs = (member.predict(images) for member, images in zip(members, batch.images, strict=False))
+        else:
+            outputs = predict(batch.images)
+        for logits in outputs:
+            fusion.add(logits)
         ranked = fusion.finish()
         if baseline is not None:
             for view, logits in baseline_logits(baseline, batch.images[-1], device).items():
@@ -261,6 +276,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         merge_prediction_parts,
         write_reports,
     )
+    from subspectral.train.fused_predict import MemberPredictor
     from subspectral.train.prepared import read_shard_table, shard_digests, shard_uris
     from subspectral.train.storage import DataError, absolute_uri
     from tqdm import tqdm
@@ -270,6 +286,8 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     folders = card.sub_datasets
     runs, missing = select_runs(args, card, notify if workers.is_main else None)
     members = [load_member(run, device) for run in runs]
+    fuse = args.fuse if args.fuse is not None else FUSE_DEFAULT.get(device.type, 1)
+    predict = MemberPredictor(members, device, fuse)  # train/fused_predict.py
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shard_table = read_shard_table(data)
     streams = [
@@ -293,7 +311,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
         # closing(): a failure in a member stops the reading thread at once, not when collected.
         with progress, torch.inference_mode(), contextlib.closing(prefetch(lockstep, args.prefetch)) as batches:
             baseline_hits = evaluate(members, batches, tally, writer, baseline, device, progress,
-                                     card.num_classes)
+                                     card.num_classes, predict)
     except BaseException:
         writer.close()
         part.unlink(missing_ok=True)  # no half-written predictions left behind
@@ -358,6 +376,8 @@ def evaluate_ensemble(args: argparse.Namespace, notify: Callable[[str], None] | 
                         "the dataset with --val-per-class N (N val images per class, e.g. 10), then train on it")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
+    if args.fuse is not None and args.fuse < 1:
+        raise MemberError("--fuse must be at least 1 (1: each member on its own)")
     if args.prefetch < 0:
         raise MemberError("--prefetch must be 0 or more")
     if not 0.0 < args.p < 1.0:
