@@ -35,10 +35,6 @@ if TYPE_CHECKING:  # heavy modules are imported inside run() only, so --help sta
 
 METHOD_CHOICES = ("mean-logits", "mean-probs", "geo", "vote", "all")
 TEN_CROP_FRACTION = 0.875
-# Members per fused forward pass (train/fused_predict.py) when --fuse is not given: on a GPU, where one small
-# network per launch leaves it waiting on launches; on the CPU each member alone (compute-bound there, and a
-# fused copy doubles the weights in memory). Neither is measured yet: BENCHMARKS.md, "Fused training".
-FUSE_DEFAULT = {"cuda": 36, "cpu": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-all", action="store_true", help="fail when a selected member is missing")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    parser.add_argument("--fuse", type=int, default=None, metavar="K",
+    parser.add_argument("--fuse", type=int, default=1, metavar="K",
                         help="run torch members of one architecture K at a time as one grouped network, one "
-                             f"forward pass per batch (default: {FUSE_DEFAULT['cuda']} on a GPU, "
-                             f"{FUSE_DEFAULT['cpu']} on the CPU; 1: each member on its own)")
+                             "forward pass per batch, meant for a GPU (default: 1, each member on its own: "
+                             "fusing is slower on a CPU and not yet measured on a GPU)")
     parser.add_argument("--prefetch", type=int, default=2,
                         help="batches read and decoded ahead in a background thread while the members run "
                              "(0: read in turn with the forward passes; default: 2)")
@@ -286,8 +282,7 @@ def _evaluate(args: argparse.Namespace, card: DatasetCard, device: torch.device,
     folders = card.sub_datasets
     runs, missing = select_runs(args, card, notify if workers.is_main else None)
     members = [load_member(run, device) for run in runs]
-    fuse = args.fuse if args.fuse is not None else FUSE_DEFAULT.get(device.type, 1)
-    predict = MemberPredictor(members, device, fuse)  # train/fused_predict.py
+    predict = MemberPredictor(members, device, args.fuse)  # train/fused_predict.py
     baseline = None if args.baseline is None else load_baseline(args.baseline, card, args.ten_crop, device)
     shard_table = read_shard_table(data)
     streams = [
@@ -376,7 +371,7 @@ def evaluate_ensemble(args: argparse.Namespace, notify: Callable[[str], None] | 
                         "the dataset with --val-per-class N (N val images per class, e.g. 10), then train on it")
     if args.batch_size < 1:
         raise MemberError("--batch-size must be at least 1")
-    if args.fuse is not None and args.fuse < 1:
+    if args.fuse < 1:
         raise MemberError("--fuse must be at least 1 (1: each member on its own)")
     if args.prefetch < 0:
         raise MemberError("--prefetch must be 0 or more")
