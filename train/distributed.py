@@ -22,23 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+from subspectral.train.run import DistInfo
 
 SLURM_BASE_PORT = 15000
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0  # index on the node; on CUDA, the device this process drives
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,23 @@ class Diverged(ValueError):
 
 
 @dataclass(frozen=True)
+class DistInfo:
+    """This process's place among the processes of one member's run (torchrun, srun, msrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # index on the node; on CUDA, the device this process drives
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+@dataclass(frozen=True)
 class MemberJob:
     """Which member to train, from which data, into which runs folder."""
 

@@ -12,24 +12,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from subspectral.train.run import DistInfo
+
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 MODES = ("graph", "pynative")
 
 
-@dataclass(frozen=True)
-class Runtime:
+@dataclass(frozen=True, kw_only=True)
+class Runtime(DistInfo):
+    """Where this process trains, and its place in the data-parallel group (``DistInfo``: rank, world)."""
+
     device_target: str
     mode: str
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
 
 
 def launched_distributed() -> bool:
@@ -55,11 +49,11 @@ def init_runtime(device_target: str, mode: str, seed: int) -> Runtime:
     ms.set_device(device_target)
     ms.set_seed(seed)
     if not launched_distributed():
-        return Runtime(device_target, mode)
+        return Runtime(device_target=device_target, mode=mode)
     from mindspore.communication import get_group_size, get_rank, init
 
     init()  # hccl on Ascend, nccl on GPU, mccl (MindSpore's own) on CPU
     world, rank = get_group_size(), get_rank()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=world)
-    return Runtime(device_target, mode, rank, world)
+    return Runtime(device_target=device_target, mode=mode, rank=rank, world=world)

@@ -182,7 +182,7 @@ class MindSporeTrainer(MemberTraining):
                 "val_samples": int(samples), "val_skipped": int(skipped)}
 
     def _all_reduce(self, values: list[float]) -> list[float]:
-        if not self.runtime.distributed:
+        if not self.runtime.enabled:
             return values
         if self._summer is None:
             self._summer = SumAcrossRanks()
