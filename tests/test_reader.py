@@ -69,14 +69,18 @@ def test_reads_are_bounded_by_max_bytes(tmp_path):
         reader.read(str(tmp_path / "big.JPEG"), 0, 1001)
 
 
-def test_tar_members_are_read_by_offset_and_a_short_member_is_an_error(tmp_path):
-    payloads = {"a.JPEG": b"first" * 100, "b.JPEG": b"second" * 50}
-    archive = tmp_path / "n01440764.tar"
+def _write_tar(archive, payloads: dict[str, bytes]) -> None:
     with tarfile.open(archive, "w") as tar:
         for name, payload in payloads.items():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+
+
+def test_tar_members_are_read_by_offset_and_a_short_member_is_an_error(tmp_path):
+    payloads = {"a.JPEG": b"first" * 100, "b.JPEG": b"second" * 50}
+    archive = tmp_path / "n01440764.tar"
+    _write_tar(archive, payloads)
     reader = SourceReader()
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
@@ -90,11 +94,7 @@ def test_members_that_lie_together_are_fetched_by_one_read_per_run(tmp_path, mon
     payloads = {"a.JPEG": b"a" * 1000, "b.JPEG": b"b" * 900, "big.JPEG": os.urandom(600 * 1024),
                 "c.JPEG": b"c" * 1100, "d.JPEG": b"d" * 10, "e.JPEG": b"e" * 20}
     archive = tmp_path / "n01440764.tar"
-    with tarfile.open(archive, "w") as tar:
-        for name, payload in payloads.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    _write_tar(archive, payloads)
     with tarfile.open(archive) as tar:
         where = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
     wanted = ["d.JPEG", "a.JPEG", "c.JPEG", "b.JPEG", "e.JPEG"]  # the runs a+b and c+d+e; the big member between
