@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -86,6 +86,26 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Ten
     return total
 
 
+def mixed_batches(batches: Iterable[dict[str, torch.Tensor]], ctx: StepContext,
+                  rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Each batch on the device and mixed (mixup/cutmix): images, labels, targets and the samples it lost."""
+    for batch in batches:
+        images, labels, lost = batch_on_device(batch, ctx.device)
+        images, targets = mix_batch(images, labels, ctx.num_classes, ctx.config, rng)
+        yield images, labels, targets, lost
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   scaler: torch.amp.GradScaler, grad_clip: float) -> None:
+    """Clip the model's own gradient norm, step, update the loss scale, advance the schedule."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     scaler: torch.amp.GradScaler, ctx: StepContext, rng: np.random.Generator,
@@ -98,18 +118,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     skipped = 0
     steps = 0
     start = time.perf_counter()
-    for batch in batches:
-        images, labels, lost = batch_on_device(batch, ctx.device)
+    for images, labels, targets, lost in mixed_batches(batches, ctx, rng):
         skipped += lost
-        images, targets = mix_batch(images, labels, ctx.num_classes, ctx.config, rng)
         optimizer.zero_grad(set_to_none=True)
         loss = _forward_backward(model, images, targets, scaler, ctx)
-        if ctx.config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), ctx.config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, scaler, ctx.config.grad_clip)
         after_step()
         # Sum on the device: reading loss.item() each step would be a CPU-GPU sync point.
         loss_sum += loss * labels.shape[0]

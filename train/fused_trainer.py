@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from subspectral.train.config import ConfigError, Recipe
 from subspectral.train.data import make_loader
 from subspectral.train.distributed import DistInfo
-from subspectral.train.engine import StepContext, batch_on_device
+from subspectral.train.engine import StepContext, batch_on_device, mixed_batches, optimizer_step
 from subspectral.train.epochs import EpochBook
 from subspectral.train.fused import FusedNetwork, fuse_members, own_storage
 from subspectral.train.fused_data import FusedEvalStream, FusedTrainStream
-from subspectral.train.mixing import mix_batch
 from subspectral.train.progress import EpochProgress
 from subspectral.train.run import Diverged, MemberJob
 from subspectral.train.trainer import _EVAL_BATCH, MemberTrainer
@@ -69,12 +68,7 @@ def _forward_backward(net: nn.Module, images: torch.Tensor, targets: torch.Tenso
 
 def _step(member: MemberTrainer, grad_clip: float) -> None:
     """Member's own clip (its own gradient norm), optimizer, scaler, schedule and EMA: as in ``train.engine``."""
-    if grad_clip > 0:
-        member.scaler.unscale_(member.optimizer)
-        nn.utils.clip_grad_norm_(member.model.parameters(), grad_clip)
-    member.scaler.step(member.optimizer)
-    member.scaler.update()
-    member.scheduler.step()
+    optimizer_step(member.model, member.optimizer, member.scheduler, member.scaler, grad_clip)
     if member.ema is not None:
         member.ema.update_parameters(member.model)
 
@@ -87,10 +81,8 @@ def train_fused_epoch(net: nn.Module, members: Sequence[MemberTrainer], batches:
     loss_sum = torch.zeros(len(members), dtype=torch.float64, device=ctx.device)
     seen = skipped = steps = 0
     start = time.perf_counter()
-    for batch in batches:
-        images, labels, lost = batch_on_device(batch, ctx.device)
+    for images, labels, targets, lost in mixed_batches(batches, ctx, rng):
         skipped += lost
-        images, targets = mix_batch(images, labels, ctx.num_classes, ctx.config, rng)
         # In place: the members' .grad are views of these tensors (set_to_none would cut them off).
         fused.zero_grad(set_to_none=False)
         losses = _forward_backward(net, images, targets, [m.scaler for m in members], ctx)
